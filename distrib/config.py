@@ -1,0 +1,262 @@
+"""Typed, frozen run configuration read from TOML.
+
+Why a hand-rolled loader: configs must be checked *before* torch is imported and
+before any worker starts (launch.py applies CUDA variables from them), every error
+must be reported at once with the closest valid name, and ``--set`` overrides must be
+typed like the field they touch. Plain ``tomllib`` + dataclasses do that in ~200 lines
+without a dependency.
+
+This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distrib.errors import LaunchError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(LaunchError, ValueError):
+    """A configuration problem; the message lists every error found, one per line."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.errors))
+
+
+def _f(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field carrying its documentation (printed by ``launch.py config``)."""
+    meta: dict[str, Any] = {"doc": doc}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """Where a run writes and how it is seeded."""
+
+    name: str = _f("", "Run directory name under out_dir; empty = a timestamped name.")
+    out_dir: str = _f("runs", "Folder that holds run directories (relative to the cwd).")
+    seed: int = _f(0, "Base seed; per-rank/worker/epoch seeds are derived from it.")
+
+
+@dataclass(frozen=True)
+class LaunchSection:
+    """How processes and GPUs are laid out (CLI flags override these)."""
+
+    gpus: tuple[int, ...] = _f(
+        (),
+        "Physical GPU ids (nvidia-smi / PCI bus order) to use, e.g. [0, 2]; empty = "
+        "leave CUDA_VISIBLE_DEVICES as it is. Overridden by --gpus.",
+    )
+    log_ranks: str = _f("0", "Ranks whose INFO logs are shown: '0', 'all' or a list like '0,3'.")
+
+
+@dataclass(frozen=True)
+class DistSection:
+    """Process-group settings."""
+
+    backend: str = _f(
+        "auto",
+        "Collective backend: auto = nccl when CUDA is usable, else gloo.",
+        choices=("auto", "nccl", "gloo"),
+    )
+    timeout_s: float = _f(
+        600.0, "Seconds a rank waits for the others (init, barriers, collectives)."
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration: one frozen value passed explicitly."""
+
+    run: RunSection = field(default_factory=RunSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+    dist: DistSection = field(default_factory=DistSection)
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ValueError naming ``where`` and the value."""
+    if typing.get_origin(tp) is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if isinstance(value, str) and item_tp is int:
+            # "--set launch.gpus=1,0" and gpus = "1,0" are natural spellings of a list.
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+    return float(value) if tp is float else value
+
+
+def _suggest(name: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(valid))}"
+
+
+def _build_section(cls: type, name: str, data: Any, errors: list[str]) -> Any:
+    if not isinstance(data, dict):
+        errors.append(f"[{name}] must be a table, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in fields:
+            errors.append(f"unknown key '{name}.{key}'" + _suggest(key, fields))
+            continue
+        try:
+            value = _coerce(raw, hints[key], f"{name}.{key}")
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            errors.append(f"{name}.{key}: {value!r} is not one of {', '.join(choices)}")
+            continue
+        values[key] = value
+    try:
+        return cls(**values)
+    except ValueError as e:  # a section's own __post_init__ check
+        errors.append(str(e))
+        return cls()
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a Config from nested dicts, collecting every error before raising."""
+    errors: list[str] = []
+    hints = typing.get_type_hints(Config)
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in hints:
+            errors.append(f"unknown section '[{name}]'" + _suggest(name, hints))
+            continue
+        sections[name] = _build_section(hints[name], name, value, errors)
+    if errors:
+        raise ConfigError(errors)
+    return Config(**sections)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; errors name the file, the line, and what to do."""
+    p = Path(path)
+    if not p.is_file():
+        shipped = sorted(x.name for x in Path(__file__).resolve().parent.parent.glob("configs/*.toml"))
+        hint = f" (shipped configs: {', '.join(shipped)})" if shipped else ""
+        raise ConfigError([f"config file '{path}' does not exist{hint}"])
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: TOML syntax error: {e}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text: {e}"]) from e
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """Split ``section.key=value``; the value is read as a TOML value, else kept as text."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected section.key=value, e.g. dist.timeout_s=60")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"--set {item!r}: the key must be section.key, e.g. run.seed=1")
+    try:
+        value: Any = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words such as gloo or my-run
+    return parts[0], parts[1], value
+
+
+def merge_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``--set`` items to the raw dict; malformed items are collected as errors."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    errors: list[str] = []
+    for item in overrides:
+        try:
+            section, key, value = parse_override(item)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        target = merged.setdefault(section, {})
+        if isinstance(target, dict):
+            target[key] = value
+    if errors:
+        raise ConfigError(errors)
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Load ``path`` (or the defaults when None), apply overrides, and validate all at once."""
+    data = read_toml(path) if path else {}
+    return config_from_dict(merge_overrides(data, overrides))
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as TOML, each key preceded by its documentation."""
+    lines: list[str] = []
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        lines.append(f"[{sec.name}]")
+        for f in dataclasses.fields(section):
+            lines.append(f"# {f.metadata.get('doc', '')}")
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_as_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (for JSON reports)."""
+    return dataclasses.asdict(cfg)

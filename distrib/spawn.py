@@ -1,0 +1,162 @@
+"""Self-launch: ``python launch.py ... --nproc-per-node N`` runs torch's own elastic agent.
+
+Why torch's agent and not a process pool: it is what torchrun runs, so workers get the
+exact same environment contract (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT, TORCHELASTIC_*), the same failure handling (the first failed
+rank's error file is propagated) and the same multi-node rendezvous. We build a
+torchrun argument list (pure, unit-tested) and hand it to ``torch.distributed.run``,
+which also avoids ``LaunchConfig``'s defaults that differ from torchrun's CLI
+(etcd rendezvous, 3 restarts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from distrib.errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+# launcher-only flags (both spellings) and whether they take a value; they are not
+# passed on to the workers.
+LAUNCHER_FLAGS = (
+    "nproc-per-node",
+    "nnodes",
+    "node-rank",
+    "master-addr",
+    "master-port",
+    "rdzv-endpoint",
+    "rdzv-id",
+    "max-restarts",
+)
+
+
+@dataclass(frozen=True)
+class SpawnPlan:
+    """Launcher options in torchrun's terms."""
+
+    nproc_per_node: int
+    nnodes: str = "1"
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "none"
+    max_restarts: int = 0
+
+
+def strip_launcher_flags(argv: Sequence[str]) -> list[str]:
+    """Drop launcher flags (``--flag v``, ``--flag=v``, ``-``/``_`` spellings) from argv."""
+    names = {f"--{n}" for n in LAUNCHER_FLAGS} | {f"--{n.replace('-', '_')}" for n in LAUNCHER_FLAGS}
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        head = item.split("=", 1)[0]
+        if head in names:
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
+
+
+def max_nodes(nnodes: str) -> int:
+    """torchrun's --nnodes is N or MIN:MAX."""
+    return int(nnodes.split(":")[-1])
+
+
+def torchrun_argv(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> list[str]:
+    """The torchrun command line (without 'torchrun') that realises ``plan``."""
+    argv = [
+        "--nnodes",
+        plan.nnodes,
+        "--nproc-per-node",
+        str(plan.nproc_per_node),
+        "--max-restarts",
+        str(plan.max_restarts),
+    ]
+    if plan.rdzv_endpoint:
+        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", plan.rdzv_endpoint]
+        argv += ["--rdzv-id", plan.rdzv_id]
+    elif plan.master_port is not None:
+        argv += ["--rdzv-backend", "static", "--node-rank", str(plan.node_rank)]
+        argv += ["--master-addr", plan.master_addr or "127.0.0.1"]
+        argv += ["--master-port", str(plan.master_port)]
+    elif max_nodes(plan.nnodes) == 1:
+        argv += ["--standalone"]  # c10d store on localhost, OS-chosen port
+    else:
+        raise LaunchError(
+            f"--nnodes {plan.nnodes} needs a meeting point: --rdzv-endpoint HOST:PORT (c10d, "
+            "same on every node) or --master-addr HOST --master-port PORT with --node-rank."
+        )
+    return [*argv, script, *script_args]
+
+
+def check_port_free(port: int) -> None:
+    """Fail before spawning when a fixed store port is taken (the agent would die later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore does
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            raise LaunchError(
+                f"--master-port {port} is already in use on this host ({e.strerror}). "
+                "Pick a free port, or drop --master-port to let the OS choose one."
+            ) from None
+
+
+def check_plan(plan: SpawnPlan) -> None:
+    """Checks that can fail before any worker starts."""
+    if plan.nproc_per_node < 1:
+        raise LaunchError(f"--nproc-per-node {plan.nproc_per_node}: start at least 1 process")
+    if plan.master_port is not None and plan.node_rank == 0 and not plan.rdzv_endpoint:
+        check_port_free(plan.master_port)
+
+
+def describe_failure(rank: int, failure: object) -> str:
+    """One paragraph naming the failed rank, its exit code and its error."""
+    message = getattr(failure, "message", "")
+    if isinstance(message, dict):
+        message = message.get("message", "") or message.get("extraInfo", {}).get("py_callstack", "")
+    exitcode = getattr(failure, "exitcode", "?")
+    local = getattr(failure, "local_rank", "?")
+    pid = getattr(failure, "pid", "?")
+    return (
+        f"worker rank {rank} (local rank {local}, pid {pid}) failed with exit code {exitcode}: "
+        f"{message or 'no error recorded (killed by a signal or exited without @record)'}"
+    )
+
+
+def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
+    """Run the workers through torch's elastic agent; return the process exit status."""
+    check_plan(plan)
+    argv = torchrun_argv(plan, script, script_args)
+    log.info("starting %d worker(s) per node: torchrun %s", plan.nproc_per_node, " ".join(argv))
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        log.error("%s", describe_failure(rank, failure))
+        code = getattr(failure, "exitcode", 1)
+        return code if isinstance(code, int) and code > 0 else 1
+    return 0
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (used by tests and diagnostics)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

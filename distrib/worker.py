@@ -1,0 +1,85 @@
+"""The one worker code path, whoever started the process.
+
+torchrun, our own elastic-agent spawn, SLURM's ``srun`` and a bare ``python launch.py``
+all end here: build the frozen context from the environment, check that CUDA sees the
+GPUs that were planned, join the process group, make the shared run directory, run the
+job, and always tear the group down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from distrib.config import Config, dump_config
+from distrib.context import DistContext
+from distrib.devices import AppliedEnv, DevicePlan, verify_cuda_visibility
+from distrib.errors import LaunchError
+from distrib.logs import setup_logging
+from distrib.process_group import broadcast_object, process_group
+
+log = logging.getLogger(__name__)
+
+Job = Callable[[DistContext, Config, Path, AppliedEnv], int]
+
+
+def cuda_device_count() -> int:
+    """CUDA devices this process may use; 0 when torch has no usable CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def build_context(cfg: Config, plan: DevicePlan) -> DistContext:
+    """Check CUDA visibility against the plan, then read the environment once."""
+    count = cuda_device_count()
+    verify_cuda_visibility(plan, count)
+    return DistContext.from_env(os.environ, backend=cfg.dist.backend, cuda_device_count=count)
+
+
+def run_dir_name(cfg: Config, command: str) -> str:
+    """The configured name, else '<yyyymmdd-hhmmss>-<command>-<4 hex>' (unique per start)."""
+    return cfg.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{secrets.token_hex(2)}"
+
+
+def make_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
+    """Rank 0 names the run; every rank gets the same directory; rank 0 writes config.toml."""
+    name = broadcast_object(ctx, run_dir_name(cfg, command) if ctx.is_main else None)
+    path = Path(cfg.run.out_dir) / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main:
+            (path / "config.toml").write_text(dump_config(cfg))
+    except OSError as e:
+        raise LaunchError(
+            f"cannot write the run directory {path}: {e.strerror}. "
+            "Point run.out_dir at a writable folder (--set run.out_dir=/path)."
+        ) from e
+    return path
+
+
+def run_worker(cfg: Config, plan: DevicePlan, applied: AppliedEnv, command: str, job: Job) -> int:
+    """Run ``job`` as this process's rank; returns the exit status."""
+    ctx = build_context(cfg, plan)
+    setup_logging(ctx.rank, cfg.launch.log_ranks)
+    log.info(
+        "%s: rank %d/%d (local %d/%d, node %d) on %s, backend %s",
+        ctx.launcher, ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size,
+        ctx.node_rank, ctx.device, ctx.backend,
+    )
+    with process_group(ctx, cfg.dist.timeout_s):
+        run_dir = make_run_dir(ctx, cfg, command)
+        return job(ctx, cfg, run_dir, applied)
+
+
+def run_recorded(fn: Callable[[], int]) -> int:
+    """Under torch's elastic agent, record an exception in the error file the agent reads."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return fn()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)()

@@ -1,0 +1,245 @@
+"""launch.py: one entry script for training image classifiers on 1..N GPUs or the CPU.
+
+The same worker code runs however the process was started::
+
+    # CPU, or one GPU if there is one (one process, no process group)
+    python launch.py
+    python launch.py train --config configs/default.toml
+
+    # one GPU picked by its nvidia-smi id
+    python launch.py train --gpus 1
+
+    # one node, 4 GPUs, torchrun starts the workers
+    torchrun --standalone --nproc_per_node 4 launch.py train --gpus 0,1,2,3
+
+    # the same, launch.py starts them through torch's elastic agent
+    python launch.py train --nproc-per-node 4 --gpus 0,1,2,3
+
+    # two nodes x 4 GPUs (run on each node; HOST is node 0's address)
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29400 --rdzv-id job1 launch.py train
+    python launch.py train --nnodes 2 --nproc-per-node 4 --rdzv-endpoint HOST:29400 --rdzv-id job1
+
+    # SLURM: one task per GPU, ranks from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS
+    srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python launch.py train
+
+Commands: train (default), env, config, bench. ``--gpus`` sets
+CUDA_DEVICE_ORDER=PCI_BUS_ID and CUDA_VISIBLE_DEVICES *before torch is imported*; that
+is why this module imports torch only inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from distrib.config import Config, dump_config, load_config
+from distrib.context import resolve_backend
+from distrib.devices import (
+    AppliedEnv,
+    DevicePlan,
+    Inventory,
+    apply_device_env,
+    parse_gpu_ids,
+    plan_devices,
+    query_inventory,
+)
+from distrib.errors import LaunchError
+from distrib.logs import setup_logging
+from distrib.spawn import SpawnPlan, spawn, strip_launcher_flags
+
+log = logging.getLogger("launch")
+
+COMMANDS = ("train", "env", "config", "bench")
+WORKER_VARS = ("RANK", "WORLD_SIZE")
+SCRIPT = str(Path(__file__).resolve())
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _nproc(text: str) -> str:
+    if text in ("gpu", "cpu", "auto"):
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or gpu, cpu, auto; got {text!r}"
+        )
+    return text
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number 1-65535; got {text!r}")
+    return int(text)
+
+
+def _nonneg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}")
+    return int(text)
+
+
+def _nnodes(text: str) -> str:
+    parts = text.split(":")
+    if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be N or MIN:MAX with N >= 1; got {text!r}")
+    return text
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kw: object) -> None:
+    """Add ``--a-b`` with its torchrun twin ``--a_b``."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+    parser.add_argument(*spellings, **kw)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _flag(common, "config", metavar="FILE", help="TOML config (see configs/)")
+    _flag(common, "set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+          help="override one config value; repeatable")
+    _flag(common, "gpus", metavar="LIST", help="physical GPU ids in nvidia-smi order, e.g. 0,2")
+    _flag(common, "log-ranks", metavar="0|all|LIST", help="ranks whose INFO logs are shown")
+
+    launcher = argparse.ArgumentParser(add_help=False)
+    _flag(launcher, "nproc-per-node", type=_nproc, metavar="N|gpu|cpu|auto",
+          help="start N workers per node through torch's elastic agent")
+    _flag(launcher, "nnodes", type=_nnodes, default="1", metavar="N[:M]")
+    _flag(launcher, "node-rank", type=_nonneg, default=0, metavar="K")
+    _flag(launcher, "master-addr", metavar="HOST")
+    _flag(launcher, "master-port", type=_port, metavar="PORT")
+    _flag(launcher, "rdzv-endpoint", metavar="HOST:PORT")
+    _flag(launcher, "rdzv-id", default="none", metavar="ID")
+    _flag(launcher, "max-restarts", type=_nonneg, default=0, metavar="K")
+
+    parser = argparse.ArgumentParser(
+        prog="launch.py", description=(__doc__ or "").split("\n")[0],
+        epilog="Without a command, 'train' runs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    sub.add_parser("train", parents=[common, launcher], help="train (default command)")
+    env = sub.add_parser("env", parents=[common], help="versions, GPU map, NVML, ports, /dev/shm")
+    env.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("config", parents=[common], help="print the resolved config as TOML")
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks")
+    bench.add_argument("what", choices=["launch"], help="launch: start-up time vs torchrun")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--nproc", type=int, default=2)
+    return parser
+
+
+def normalise_argv(argv: Sequence[str]) -> list[str]:
+    """Insert the default command; reject an unknown one with the list and a suggestion."""
+    items = list(argv)
+    if not items or (items[0].startswith("-") and items[0] not in ("-h", "--help")):
+        return ["train", *items]
+    if items[0] not in COMMANDS and not items[0].startswith("-"):
+        close = difflib.get_close_matches(items[0], COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise LaunchError(f"unknown command {items[0]!r}{hint}; commands: {', '.join(COMMANDS)}")
+    return items
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """CLI flags that mirror config keys, as --set items (flags win over --set and files)."""
+    out = []
+    if args.gpus is not None:
+        out.append(f"launch.gpus=[{','.join(str(g) for g in parse_gpu_ids(args.gpus))}]")
+    if args.log_ranks is not None:
+        out.append(f"launch.log_ranks={args.log_ranks!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def is_worker_env(env: os._Environ[str] | dict[str, str]) -> bool:
+    """True when torchrun (or anything like it) already made this process a rank."""
+    return any(v in env for v in WORKER_VARS)
+
+
+def prepare_devices(cfg: Config, need_inventory: bool) -> tuple[DevicePlan, AppliedEnv, Inventory]:
+    """Plan and apply CUDA_DEVICE_ORDER / CUDA_VISIBLE_DEVICES. Must run before torch loads."""
+    gpus = parse_gpu_ids(cfg.launch.gpus)
+    inventory = query_inventory() if (gpus or need_inventory) else Inventory()
+    plan = plan_devices(gpus, os.environ, inventory)
+    if not (gpus or need_inventory):
+        plan = DevicePlan(plan.gpus, plan.env, plan.notes, None)  # unknown: torch will tell
+    applied = apply_device_env(plan)
+    for note in plan.notes:
+        log.info("%s", note)
+    return plan, applied, inventory
+
+
+def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inventory) -> SpawnPlan:
+    """Resolve --nproc-per-node and check it against the visible GPUs before spawning."""
+    visible = plan.visible_count if plan.visible_count is not None else inv.count
+    spec = args.nproc_per_node
+    if spec == "gpu" and visible == 0:
+        raise LaunchError(f"--nproc-per-node gpu: no GPU is visible ({inv.describe()}); use a number")
+    cpus = os.cpu_count() or 1
+    n = {"gpu": visible, "cpu": cpus, "auto": visible or cpus}.get(spec) or int(spec)
+    backend = resolve_backend(cfg.dist.backend, visible)
+    if backend == "nccl" and n > visible:
+        raise LaunchError(
+            f"--nproc-per-node {n} starts {n} processes but only {visible} GPU(s) are visible "
+            f"({'--gpus ' + ','.join(map(str, plan.gpus)) if plan.gpus else inv.describe()}); "
+            "nccl needs one GPU per process. Lower --nproc-per-node or list more --gpus."
+        )
+    return SpawnPlan(n, args.nnodes, args.node_rank, args.master_addr, args.master_port,
+                     args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
+
+
+def run_train(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
+    """Worker (under torchrun/SLURM/alone) or launcher (with --nproc-per-node)."""
+    spawning = args.nproc_per_node is not None and not is_worker_env(os.environ)
+    plan, applied, inventory = prepare_devices(cfg, need_inventory=spawning)
+    if spawning:
+        sp = spawn_plan(args, cfg, plan, inventory)
+        return spawn(sp, SCRIPT, strip_launcher_flags(argv))
+    if args.nproc_per_node is not None:
+        log.warning("--nproc-per-node ignored: this process is already a rank (torchrun)")
+    from distrib.train import train_job
+    from distrib.worker import run_recorded, run_worker
+
+    return run_recorded(lambda: run_worker(cfg, plan, applied, "train", train_job))
+
+
+def run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = load_config(args.config, [*args.set, *flag_overrides(args)])
+    setup_logging(None, cfg.launch.log_ranks)
+    if args.command == "config":
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    if args.command == "env":
+        _, applied, inventory = prepare_devices(cfg, need_inventory=True)
+        from distrib.envinfo import main_env
+
+        return main_env(inventory, applied, args.json)
+    if args.command == "bench":
+        prepare_devices(cfg, need_inventory=False)
+        from distrib.bench import main_bench
+
+        return main_bench(args, cfg)
+    return run_train(args, argv, cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, apply the CUDA environment, dispatch; user errors exit 2 without a traceback."""
+    try:
+        items = normalise_argv(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(items)
+        return run_command(args, items)
+    except LaunchError as e:
+        if not logging.getLogger().handlers:
+            setup_logging(None)
+        logging.getLogger("launch").error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
