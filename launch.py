@@ -230,14 +230,13 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, apply the CUDA environment, dispatch; user errors exit 2 without a traceback."""
+    setup_logging(None)
     try:
         items = normalise_argv(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(items)
         return run_command(args, items)
     except LaunchError as e:
-        if not logging.getLogger().handlers:
-            setup_logging(None)
-        logging.getLogger("launch").error("%s", e)
+        log.error("%s", e)
         return 2
 
 

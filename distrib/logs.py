@@ -27,6 +27,10 @@ def parse_log_ranks(spec: str) -> frozenset[int] | None:
     return ranks
 
 
+class _RankHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler we own, so reconfiguring never removes anyone else's."""
+
+
 class _PrefixFormatter(logging.Formatter):
     def __init__(self, prefix: str):
         super().__init__()
@@ -51,10 +55,10 @@ def setup_logging(rank: int | None, log_ranks: str = "0") -> None:
     shown = parse_log_ranks(log_ranks)
     prefix = "[launcher]" if rank is None else f"[rank {rank}]"
     visible = rank is None or shown is None or rank in shown
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _RankHandler(sys.stderr)
     handler.setFormatter(_PrefixFormatter(prefix))
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _RankHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO if visible else logging.WARNING)

@@ -12,7 +12,6 @@ which also avoids ``LaunchConfig``'s defaults that differ from torchrun's CLI
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -149,14 +148,3 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
         code = getattr(failure, "exitcode", 1)
         return code if isinstance(code, int) and code > 0 else 1
     return 0
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (used by tests and diagnostics)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

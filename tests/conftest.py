@@ -1,0 +1,99 @@
+"""Shared test helpers: a clean environment, real subprocesses, and leak checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH = str(REPO / "launch.py")
+FAKE_NVML = str(REPO / "tests" / "fakes" / "nvml")
+PROBE = str(REPO / "tests" / "fakes" / "probe")
+# variables a developer's shell (or CI) might carry that would change what a test means
+_STRIP_PREFIXES = ("CUDA_", "SLURM_", "TORCHELASTIC_", "NCCL_", "FAKE_NVML", "TORCH_IMPORT_PROBE")
+_STRIP = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+          "MASTER_PORT", "OMP_NUM_THREADS", "PYTHONPATH")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The current environment without launcher/CUDA variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in _STRIP and not k.startswith(_STRIP_PREFIXES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours is gone for practical purposes
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 90,
+        cwd: Path | str = REPO) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own session; kill the whole session on timeout; check none is left."""
+    proc = subprocess.Popen(list(cmd), env=env or clean_env(), cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {cmd}\n{out}\n{err}") from None
+    try:
+        os.killpg(proc.pid, 0)
+        leftover = True
+    except ProcessLookupError:
+        leftover = False
+    if leftover:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"processes left running in the session of {cmd}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 90):
+    return run([sys.executable, LAUNCH, *args], env=env, timeout=timeout)
+
+
+def rank_reports(out_dir: Path) -> list[dict]:
+    """Every rank's report of the single run under ``out_dir``, in rank order."""
+    runs = [p for p in out_dir.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    files = sorted((runs[0] / "ranks").glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+    return [json.loads(p.read_text()) for p in files]
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Tests may set variables (launch.py applies CUDA ones); put os.environ back."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

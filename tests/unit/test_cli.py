@@ -1,0 +1,124 @@
+"""launch.py's argument handling and its pre-spawn checks (no worker started)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import pytest
+
+import launch
+from distrib.config import load_config
+from distrib.devices import DevicePlan, GpuInfo, Inventory
+from distrib.errors import LaunchError
+from distrib.spawn import SpawnPlan, check_plan, strip_launcher_flags, torchrun_argv
+
+
+def test_default_command_is_train() -> None:
+    assert launch.normalise_argv([]) == ["train"]
+    assert launch.normalise_argv(["--nproc-per-node", "2"]) == ["train", "--nproc-per-node", "2"]
+    assert launch.normalise_argv(["env", "--json"]) == ["env", "--json"]
+
+
+def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert launch.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'" in err and "did you mean 'train'" in err and "bench" in err
+
+
+@pytest.mark.parametrize("spelling", ["--nproc-per-node", "--nproc_per_node"])
+def test_torchrun_spellings_both_work(spelling: str) -> None:
+    args = launch.build_parser().parse_args(
+        ["train", spelling, "2", "--master_port", "1234", "--node-rank", "1", "--log_ranks", "all"])
+    assert (args.nproc_per_node, args.master_port, args.node_rank, args.log_ranks) == (
+        "2", 1234, 1, "all")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--nproc-per-node", "0"], "positive integer"),
+        (["train", "--nproc-per-node", "many"], "'many'"),
+        (["train", "--master-port", "70000"], "1-65535"),
+        (["train", "--nnodes", "0"], "N or MIN:MAX"),
+    ],
+)
+def test_bad_launcher_flags(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        launch.build_parser().parse_args(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_strip_launcher_flags_keeps_the_rest() -> None:
+    argv = ["train", "--nproc-per-node", "2", "--gpus", "1,0", "--master_port=99",
+            "--set", "run.seed=1", "--rdzv-endpoint", "h:1", "--nnodes=1"]
+    assert strip_launcher_flags(argv) == ["train", "--gpus", "1,0", "--set", "run.seed=1"]
+
+
+def test_torchrun_argv_standalone_static_and_c10d() -> None:
+    single = torchrun_argv(SpawnPlan(2), "s.py", ["train"])
+    assert "--standalone" in single and single[-2:] == ["s.py", "train"]
+    assert single[single.index("--max-restarts") + 1] == "0"  # not LaunchConfig's 3
+    static = torchrun_argv(SpawnPlan(2, master_port=1234, node_rank=1), "s.py", [])
+    assert static[static.index("--rdzv-backend") + 1] == "static"
+    assert static[static.index("--master-port") + 1] == "1234"
+    assert static[static.index("--node-rank") + 1] == "1"
+    c10d = torchrun_argv(SpawnPlan(4, nnodes="2", rdzv_endpoint="h:29400", rdzv_id="j"), "s.py", [])
+    assert c10d[c10d.index("--rdzv-backend") + 1] == "c10d" and "--standalone" not in c10d
+    with pytest.raises(LaunchError) as e:
+        torchrun_argv(SpawnPlan(2, nnodes="2"), "s.py", [])
+    assert "--rdzv-endpoint" in str(e.value)
+
+
+def test_master_port_in_use_is_caught_before_spawning() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(LaunchError) as e:
+            check_plan(SpawnPlan(2, master_port=port))
+    assert f"--master-port {port} is already in use" in str(e.value)
+
+
+def _args(nproc: str) -> argparse.Namespace:
+    return launch.build_parser().parse_args(["train", "--nproc-per-node", nproc])
+
+
+def _inv(n: int) -> Inventory:
+    return Inventory(tuple(GpuInfo(i, i, f"0000:0{i}:00.0") for i in range(n)), "nvml")
+
+
+def test_spawn_plan_refuses_more_processes_than_gpus_on_nccl() -> None:
+    cfg = load_config(None)
+    with pytest.raises(LaunchError) as e:
+        launch.spawn_plan(_args("4"), cfg, DevicePlan((0, 1), {}, (), 2), _inv(2))
+    assert "--nproc-per-node 4" in str(e.value) and "--gpus 0,1" in str(e.value)
+    gloo = load_config(None, ["dist.backend=gloo"])
+    assert launch.spawn_plan(_args("4"), gloo, DevicePlan((0, 1), {}, (), 2), _inv(2)).nproc_per_node == 4
+
+
+def test_spawn_plan_resolves_gpu_and_auto() -> None:
+    cfg = load_config(None)
+    assert launch.spawn_plan(_args("gpu"), cfg, DevicePlan((), {}, (), 3), _inv(3)).nproc_per_node == 3
+    assert launch.spawn_plan(_args("auto"), cfg, DevicePlan((), {}, (), 3), _inv(3)).nproc_per_node == 3
+    with pytest.raises(LaunchError) as e:
+        launch.spawn_plan(_args("gpu"), cfg, DevicePlan((), {}, (), 0), _inv(0))
+    assert "no GPU is visible" in str(e.value)
+
+
+def test_nccl_without_cuda_is_refused_before_spawning() -> None:
+    cfg = load_config(None, ["dist.backend=nccl"])
+    with pytest.raises(LaunchError) as e:
+        launch.spawn_plan(_args("2"), cfg, DevicePlan((), {}, (), 0), _inv(0))
+    assert "nccl" in str(e.value)
+
+
+def test_config_command_prints_resolved_typed_toml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert launch.main(["config", "--set", "dist.timeout_s=5", "--gpus", "1,0"]) == 0
+    out = capsys.readouterr().out
+    assert "timeout_s = 5.0" in out and "gpus = [1, 0]" in out
+
+
+def test_flags_win_over_set() -> None:
+    args = launch.build_parser().parse_args(["config", "--set", "launch.gpus=[3]", "--gpus", "0"])
+    assert launch.flag_overrides(args) == ["launch.gpus=[0]"]

@@ -1,0 +1,120 @@
+"""Config loading: every shipped file, typed overrides, and every error case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from distrib.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_override,
+    read_toml,
+)
+
+CONFIGS = sorted((REPO / "configs").glob("*.toml"))
+
+
+def test_configs_folder_is_not_empty() -> None:
+    assert any(p.name == "default.toml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    again = tmp_path / "again.toml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = load_config(None)
+    assert cfg.dist.backend == "auto" and cfg.launch.gpus == () and cfg.run.seed == 0
+
+
+def test_set_overrides_are_typed_like_the_field() -> None:
+    cfg = load_config(None, ["dist.timeout_s=5", "run.seed=7", "dist.backend=gloo",
+                             "launch.gpus=1,0", "run.name=my-run"])
+    assert cfg.dist.timeout_s == 5.0 and isinstance(cfg.dist.timeout_s, float)
+    assert cfg.run.seed == 7 and cfg.dist.backend == "gloo" and cfg.run.name == "my-run"
+    assert cfg.launch.gpus == (1, 0)
+    assert load_config(None, ["launch.gpus=[2, 3]"]).launch.gpus == (2, 3)
+
+
+def test_set_wins_over_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[run]\nseed = 3\n")
+    assert load_config(p).run.seed == 3
+    assert load_config(p, ["run.seed=4"]).run.seed == 4
+
+
+def test_missing_file_names_it_and_lists_shipped_configs() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("nope/absent.toml")
+    assert "nope/absent.toml" in str(e.value) and "does not exist" in str(e.value)
+    assert "default.toml" in str(e.value)
+
+
+def test_syntax_error_names_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("[run]\nseed = 1\nname = \n")
+    with pytest.raises(ConfigError) as e:
+        read_toml(p)
+    assert "line 3" in str(e.value) and str(p) in str(e.value)
+
+
+def test_unknown_key_suggests_the_closest_name() -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"dist": {"timeout": 5}})
+    assert "unknown key 'dist.timeout'" in str(e.value) and "timeout_s" in str(e.value)
+
+
+def test_unknown_section_suggests_the_closest_name() -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"lanch": {"gpus": [0]}})
+    assert "'[lanch]'" in str(e.value) and "launch" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"run": {"seed": "one"}}, "run.seed: expected an integer, got 'one'"),
+        ({"run": {"seed": True}}, "run.seed: expected an integer"),
+        ({"dist": {"timeout_s": "fast"}}, "dist.timeout_s: expected a number"),
+        ({"launch": {"gpus": 0}}, "launch.gpus: expected a list of an integer"),
+        ({"launch": {"gpus": ["a"]}}, "launch.gpus[0]: expected an integer"),
+        ({"dist": {"backend": "mpi"}}, "dist.backend: 'mpi' is not one of auto, nccl, gloo"),
+        ({"run": 3}, "[run] must be a table"),
+    ],
+)
+def test_wrong_types_are_rejected(data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert needle in str(e.value)
+
+
+def test_all_errors_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"run": {"seed": "x", "nam": "a"}, "dist": {"backend": 1}})
+    assert len(e.value.errors) == 3
+
+
+def test_set_unknown_key_and_bad_value() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["dist.tiemout_s=5", "run.seed=abc"])
+    text = str(e.value)
+    assert "dist.tiemout_s" in text and "timeout_s" in text and "run.seed" in text
+
+
+@pytest.mark.parametrize("item", ["noequals", "a=1", "a.b.c=1", ".x=1"])
+def test_malformed_set_items(item: str) -> None:
+    with pytest.raises(ValueError):
+        parse_override(item)
+    with pytest.raises(ConfigError):
+        load_config(None, [item])
