@@ -58,6 +58,7 @@ log = logging.getLogger("launch")
 COMMANDS = ("train", "env", "config", "bench")
 WORKER_VARS = ("RANK", "WORLD_SIZE")
 SCRIPT = str(Path(__file__).resolve())
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
 
 # --------------------------------------------------------------------------- CLI
 
@@ -99,7 +100,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kw: object) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    _flag(common, "config", metavar="FILE", help="TOML config (see configs/)")
+    _flag(common, "config", metavar="FILE", help="TOML config (default: configs/default.toml)")
     _flag(common, "set", action="append", default=[], metavar="SECTION.KEY=VALUE",
           help="override one config value; repeatable")
     _flag(common, "gpus", metavar="LIST", help="physical GPU ids in nvidia-smi order, e.g. 0,2")
@@ -210,7 +211,8 @@ def run_train(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
-    cfg = load_config(args.config, [*args.set, *flag_overrides(args)])
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    cfg = load_config(path, [*args.set, *flag_overrides(args)])
     setup_logging(None, cfg.launch.log_ranks)
     if args.command == "config":
         sys.stdout.write(dump_config(cfg))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One script for a GPU machine: the gpu-marked tests, the GPU-relevant benchmarks, and a
+# short table at the end. Usage (from the repository root): bash tests/gpu/check.sh
+# Writes logs to ${OUT:-/tmp/gpu-check}.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch, pynvml" 2>/dev/null; then
+  $PY -m pip install -q -e ".[dev]" >"$OUT/pip.log" 2>&1 || { echo "install failed"; tail "$OUT/pip.log"; exit 1; }
+fi
+export PYTHONUNBUFFERED=1
+$PY launch.py env | tee "$OUT/env.txt"
+$PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+gpu_rc=${PIPESTATUS[0]}
+$PY launch.py bench launch --repeats 5 --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_launch.txt"
+echo
+echo "== GPU check summary =="
+printf '%-28s %s\n' "card" "$($PY -c 'import pynvml as n; n.nvmlInit(); h=n.nvmlDeviceGetHandleByIndex(0); print(n.nvmlDeviceGetName(h), "x", n.nvmlDeviceGetCount(), "driver", n.nvmlSystemGetDriverVersion())' 2>&1)"
+printf '%-28s %s\n' "gpu tests" "$(tail -n 1 "$OUT/pytest.log")"
+printf '%-28s %s\n' "bench launch (gloo start-up)" "$(grep 'median ratio' "$OUT/bench_launch.txt" | cut -c1-80)"
+exit "$gpu_rc"
