@@ -1,0 +1,265 @@
+"""Real processes on gloo: torchrun, our elastic-agent spawn, a single process, two
+"nodes" on one machine, --gpus reaching every worker, and failures that must be clear.
+
+Every run happens in its own session; conftest.run fails a test that leaves a process
+behind, and the worker pids each rank reports are checked to be gone.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAKE_NVML, LAUNCH, PROBE, REPO, clean_env, free_port, launch, pid_alive, rank_reports, run
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def assert_world(reports: list[dict], world: int) -> None:
+    assert [r["rank"] for r in reports] == list(range(world))
+    for r in reports:
+        assert r["world_size"] == world and r["all_reduce"] == world * (world + 1) / 2
+        assert r["env"]["RANK"] == str(r["rank"]) and r["env"]["WORLD_SIZE"] == str(world)
+        assert r["env"]["LOCAL_RANK"] == str(r["local_rank"])
+        assert r["backend"] == "gloo" and r["device"] == "cpu"
+        assert not pid_alive(r["pid"]), f"worker pid {r['pid']} still running"
+
+
+def test_torchrun_two_ranks(tmp_path: Path) -> None:
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", LAUNCH, "train",
+               "--set", f"run.out_dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr
+    reports = rank_reports(tmp_path)
+    assert_world(reports, 2)
+    assert [r["local_rank"] for r in reports] == [0, 1]
+    assert "world_size=2 all_reduce(rank+1)=3" in res.stderr
+
+
+def test_self_launch_two_ranks_through_the_elastic_agent(tmp_path: Path) -> None:
+    res = launch("train", "--nproc-per-node", "2", "--set", f"run.out_dir={tmp_path}",
+                 "--log-ranks", "all")
+    assert res.returncode == 0, res.stderr
+    assert_world(rank_reports(tmp_path), 2)
+    assert "[rank 1] torchrun: rank 1/2" in res.stderr  # --log-ranks all shows rank 1 too
+    summary = json.loads(next(tmp_path.iterdir()).joinpath("summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["all_reduce"] == 3.0
+
+
+def test_rank0_only_logging_by_default(tmp_path: Path) -> None:
+    res = launch("train", "--nproc_per_node", "2", "--set", f"run.out_dir={tmp_path}")
+    assert res.returncode == 0, res.stderr
+    assert "[rank 0]" in res.stderr and "[rank 1]" not in res.stderr
+
+
+def test_single_process_has_no_process_group(tmp_path: Path) -> None:
+    res = launch("train", "--set", f"run.out_dir={tmp_path}")
+    assert res.returncode == 0, res.stderr
+    (report,) = rank_reports(tmp_path)
+    assert report["launcher"] == "single" and report["world_size"] == 1
+    assert report["env"]["RANK"] is None  # nothing pretended to be torchrun
+
+
+def test_two_nodes_on_one_machine_form_one_world_of_four(tmp_path: Path) -> None:
+    port = free_port()
+    common = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "twonodes",
+              "--local-addr", "127.0.0.1"]
+    procs = []
+    for node in (0, 1):
+        cmd = [*common, "--node-rank", str(node), LAUNCH, "train",
+               "--set", f"run.out_dir={tmp_path}", "--set", "run.name=two-nodes"]
+        procs.append(subprocess.Popen(cmd, env=clean_env(), cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      start_new_session=True))
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    reports = rank_reports(tmp_path)
+    assert_world(reports, 4)
+    assert sorted(r["node_rank"] for r in reports) == [0, 0, 1, 1]
+    assert all(r["local_world_size"] == 2 for r in reports)
+
+
+def test_gpus_reach_every_worker_and_precede_the_torch_import(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.jsonl"
+    env = clean_env(PYTHONPATH=f"{FAKE_NVML}:{PROBE}", FAKE_NVML_GPUS="2",
+                    TORCH_IMPORT_PROBE=str(probe), CUDA_VISIBLE_DEVICES="0")
+    out = tmp_path / "runs"
+    res = launch("train", "--nproc-per-node", "2", "--gpus", "1,0", "--set", f"run.out_dir={out}",
+                 env=env)
+    assert res.returncode == 0, res.stderr
+    assert "--gpus 1,0 overrides CUDA_VISIBLE_DEVICES=0" in res.stderr
+    reports = rank_reports(out)
+    assert len(reports) == 2
+    for r in reports:
+        assert r["cuda_device_order"] == "PCI_BUS_ID" and r["cuda_visible_devices"] == "1,0"
+        assert r["cuda_env_applied_before_torch_import"] is True
+    # the probe saw torch being imported in the launcher and in both workers, each time
+    # with the variables already set
+    seen = [json.loads(line) for line in probe.read_text().splitlines()]
+    assert len(seen) == 3 and {r["pid"] for r in reports} < {s["pid"] for s in seen}
+    assert all(s["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and s["CUDA_VISIBLE_DEVICES"] == "1,0"
+               for s in seen)
+
+
+def test_the_import_probe_can_see_a_late_setting(tmp_path: Path) -> None:
+    """Control for the test above: importing torch first is visible to the probe."""
+    probe = tmp_path / "probe.jsonl"
+    env = clean_env(PYTHONPATH=PROBE, TORCH_IMPORT_PROBE=str(probe))
+    code = "import torch, os; os.environ['CUDA_VISIBLE_DEVICES'] = '1,0'"
+    assert run([sys.executable, "-c", code], env=env).returncode == 0
+    (seen,) = [json.loads(line) for line in probe.read_text().splitlines()]
+    assert seen["CUDA_VISIBLE_DEVICES"] is None
+
+
+def test_failed_worker_is_named_and_the_launcher_fails(tmp_path: Path) -> None:
+    # the fake NVML makes the launcher believe in 2 GPUs; the workers' torch sees none,
+    # so forcing nccl fails inside the workers, after spawning
+    env = clean_env(PYTHONPATH=FAKE_NVML, FAKE_NVML_GPUS="2")
+    res = launch("train", "--nproc-per-node", "2", "--set", "dist.backend=nccl",
+                 "--set", f"run.out_dir={tmp_path}", env=env)
+    assert res.returncode != 0
+    assert "worker rank" in res.stderr and "failed with exit code 2" in res.stderr
+    assert "dist.backend = 'nccl' needs CUDA GPUs" in res.stderr
+
+
+def test_process_group_timeout_is_a_clear_error(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    start = time.monotonic()
+    res = launch("train", "--set", "dist.timeout_s=3", "--set", f"run.out_dir={tmp_path}", env=env)
+    assert res.returncode == 2
+    assert time.monotonic() - start < 60
+    assert f"127.0.0.1:{port}" in res.stderr and "dist.timeout_s=3s" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_collectives_on_a_real_gloo_group() -> None:
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / "dist" / "collectives_worker.py")],
+              env=clean_env(PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr
+    assert "collectives ok rank 0/2" in res.stdout and "collectives ok rank 1/2" in res.stdout
+
+
+def test_collectives_are_the_identity_alone() -> None:
+    res = run([sys.executable, str(REPO / "tests" / "dist" / "collectives_worker.py")],
+              env=clean_env(PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr
+    assert "collectives ok rank 0/1" in res.stdout
+
+
+# ----------------------------------------------------------------- bad input, no worker
+
+
+def _no_workers(res: subprocess.CompletedProcess[str], out: Path) -> None:
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "starting" not in res.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--config", "no/such.toml"], "config file 'no/such.toml' does not exist"),
+        (["--set", "dist.tiemout_s=3"], "did you mean 'timeout_s'"),
+        (["--set", "run.seed=abc"], "run.seed: expected an integer, got 'abc'"),
+        (["--gpus", "0,x"], "'x' is not a GPU id"),
+        (["--gpus", "-1"], "negative"),
+        (["--gpus", "1,1"], "listed twice"),
+        (["--gpus", "0"], "GPU id 0 does not exist"),  # this machine has no GPU
+        (["--set", "dist.backend=nccl"], "needs CUDA GPUs"),
+    ],
+)
+def test_bad_input_exits_2_before_any_worker(args: list[str], needle: str, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    res = launch("train", "--nproc-per-node", "2", "--set", f"run.out_dir={out}", *args)
+    _no_workers(res, out)
+    assert needle in res.stderr
+
+
+def test_gpu_id_beyond_fake_gpus(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    env = clean_env(PYTHONPATH=FAKE_NVML, FAKE_NVML_GPUS="2")
+    res = launch("train", "--nproc-per-node", "2", "--gpus", "0,2", "--set", f"run.out_dir={out}",
+                 env=env)
+    _no_workers(res, out)
+    assert "GPU id 2 does not exist; only 2 GPU(s) are present (ids 0-1)" in res.stderr
+
+
+def test_more_processes_than_fake_gpus(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    env = clean_env(PYTHONPATH=FAKE_NVML, FAKE_NVML_GPUS="2")
+    res = launch("train", "--nproc-per-node", "3", "--gpus", "0,1", "--set", f"run.out_dir={out}",
+                 env=env)
+    _no_workers(res, out)
+    assert "only 2 GPU(s) are visible" in res.stderr
+
+
+def test_master_port_in_use(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = launch("train", "--nproc-per-node", "2", "--master-port", str(port),
+                     "--set", f"run.out_dir={out}")
+    _no_workers(res, out)
+    assert f"--master-port {port} is already in use" in res.stderr
+
+
+def test_unwritable_run_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    res = launch("train", "--set", f"run.out_dir={blocker}")
+    assert res.returncode == 2 and "cannot write the run directory" in res.stderr
+    assert blocker.read_text() == "not a folder"
+
+
+def test_env_command_without_gpu(tmp_path: Path) -> None:
+    res = launch("env", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["gpu_count"] == 0 and info["nvml"]["available"] is False
+    assert info["nvml"]["error"]
+    assert info["cuda_env"]["applied_before_torch_import"] is True
+    assert info["cuda_env"]["cuda_initialized_in_this_process"] is False
+    assert info["cpu_count"] >= 1 and "total_mib" in info["dev_shm"]
+    text = launch("env")
+    assert "NVML          not available" in text.stdout and "GPUs          none" in text.stdout
+
+
+def test_env_command_with_fake_gpus_maps_indices() -> None:
+    env = clean_env(PYTHONPATH=FAKE_NVML, FAKE_NVML_GPUS="2")
+    res = launch("env", "--json", "--gpus", "1", env=env)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["gpu_count"] == 2 and info["nvml"]["available"]
+    rows = {r["pci_index"]: r for r in info["gpus"]}
+    assert rows[1]["cuda_index"] == 0 and rows[0]["cuda_index"] is None
+    assert rows[1]["nvml_index"] == 0  # the fake's NVML 0 sits on the higher bus
+    assert info["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_bench_launch_writes_a_same_run_comparison(tmp_path: Path) -> None:
+    res = launch("bench", "launch", "--repeats", "1", "--set", f"run.out_dir={tmp_path}",
+                 "--set", "run.name=b", timeout=170)
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    names = [r["variant"] for r in data["summary"]]
+    assert names == ["torchrun_minimal", "launch_py"]
+    assert data["summary"][0]["ratio_vs_torchrun_minimal"] == 1.0
+    assert data["summary"][1]["median_s"] > 0
+    assert (tmp_path / "b" / "bench.csv").read_text().count("\n") == 3  # header + 2 runs
+    assert "median ratio" in res.stdout
