@@ -31,6 +31,16 @@ def _init_method(ctx: DistContext) -> str:
     return f"tcp://{host}:{ctx.master_port}"
 
 
+def bind_device(ctx: DistContext) -> None:
+    """Make ``ctx.device`` this process's current CUDA device (no-op on the CPU).
+
+    Without it, anything a rank allocates on plain "cuda" (and each rank's CUDA context)
+    lands on cuda:0, the classic "every process uses memory on GPU 0" symptom.
+    """
+    if ctx.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(ctx.device))
+
+
 def init_process_group(ctx: DistContext, timeout_s: float) -> bool:
     """Join the job's process group (no-op for one process); True when one was created.
 
@@ -38,8 +48,6 @@ def init_process_group(ctx: DistContext, timeout_s: float) -> bool:
     """
     if not ctx.distributed:
         return False
-    if ctx.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(ctx.device))
     kwargs: dict[str, Any] = {}
     if ctx.backend == "nccl":
         kwargs["device_id"] = torch.device(ctx.device)  # eager init, no device guessing

@@ -22,7 +22,7 @@ from distrib.context import DistContext
 from distrib.devices import AppliedEnv, DevicePlan, verify_cuda_visibility
 from distrib.errors import LaunchError
 from distrib.logs import setup_logging
-from distrib.process_group import broadcast_object, process_group
+from distrib.process_group import bind_device, broadcast_object, process_group
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def run_worker(cfg: Config, plan: DevicePlan, applied: AppliedEnv, command: str,
         ctx.launcher, ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size,
         ctx.node_rank, ctx.device, ctx.backend,
     )
+    bind_device(ctx)
     with process_group(ctx, cfg.dist.timeout_s):
         run_dir = make_run_dir(ctx, cfg, command)
         return job(ctx, cfg, run_dir, applied)

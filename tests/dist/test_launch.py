@@ -263,3 +263,37 @@ def test_bench_launch_writes_a_same_run_comparison(tmp_path: Path) -> None:
     assert data["summary"][1]["median_s"] > 0
     assert (tmp_path / "b" / "bench.csv").read_text().count("\n") == 3  # header + 2 runs
     assert "median ratio" in res.stdout
+
+
+def test_slurm_tasks_form_one_world(tmp_path: Path) -> None:
+    """Two processes started the way srun starts them: only SLURM_* variables."""
+    port = free_port()
+    procs = []
+    for task in (0, 1):
+        env = clean_env(SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NODEID="0",
+                        SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="2", SLURM_JOB_ID="42",
+                        SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(
+            [sys.executable, LAUNCH, "train", "--set", f"run.out_dir={tmp_path}",
+             "--set", "run.name=slurm", "--set", "dist.timeout_s=60"],
+            env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True))
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    reports = rank_reports(tmp_path)
+    seen = [(r["rank"], r["launcher"], r["all_reduce"]) for r in reports]
+    assert seen == [(0, "slurm", 3.0), (1, "slurm", 3.0)]
+
+
+def test_static_master_port_spawn(tmp_path: Path) -> None:
+    port = free_port()
+    res = launch("train", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                 "--master-port", str(port), "--set", f"run.out_dir={tmp_path}")
+    assert res.returncode == 0, res.stderr
+    assert_world(rank_reports(tmp_path), 2)
+    assert "--rdzv-backend static" in res.stderr
