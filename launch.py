@@ -35,7 +35,7 @@ import difflib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distrib.config import Config, dump_config, load_config
@@ -54,8 +54,9 @@ from distrib.logs import setup_logging
 from distrib.spawn import SpawnPlan, spawn, strip_launcher_flags
 
 log = logging.getLogger("launch")
+Job = Callable[..., int]
 
-COMMANDS = ("train", "env", "config", "bench")
+COMMANDS = ("train", "organize", "stats", "preview", "env", "config", "bench")
 WORKER_VARS = ("RANK", "WORLD_SIZE")
 SCRIPT = str(Path(__file__).resolve())
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
@@ -126,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", parents=[common], help="versions, GPU map, NVML, ports, /dev/shm")
     env.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("config", parents=[common], help="print the resolved config as TOML")
+    org = sub.add_parser("organize", parents=[common], help="flat images + label CSV -> ImageFolder")
+    org.add_argument("--csv", required=True, help="label CSV, e.g. train_df.csv")
+    org.add_argument("--images", required=True, help="folder the CSV's file names are relative to")
+    org.add_argument("--out", required=True, help="ImageFolder root to fill (one folder per class)")
+    _flag(org, "file-col", default="file_name", help="CSV column with file names")
+    _flag(org, "label-col", default="label", help="CSV column with labels")
+    org.add_argument("--mode", default="link", choices=["link", "copy", "symlink", "move"],
+                     help="link (hard link, a copy across file systems), copy, symlink, move")
+    _flag(org, "dry-run", action="store_true", help="report what would happen, change nothing")
+    _flag(org, "allow-missing", action="store_true", help="organise even if some files are missing")
+    stats = sub.add_parser("stats", parents=[common, launcher], help="exact per-channel mean/std")
+    stats.add_argument("--data", required=True, help="ImageFolder root or a flat image folder")
+    stats.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="resize first")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    prev = sub.add_parser("preview", parents=[common], help="PNG grid of one augmented batch")
+    prev.add_argument("--out", help="PNG path (default: runs/<name>/preview.png)")
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument("what", choices=["launch"], help="launch: start-up time vs torchrun")
     bench.add_argument("--repeats", type=int, default=5)
@@ -195,19 +212,47 @@ def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inv
                      args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
 
 
-def run_train(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
+def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
     """Worker (under torchrun/SLURM/alone) or launcher (with --nproc-per-node)."""
-    spawning = args.nproc_per_node is not None and not is_worker_env(os.environ)
+    nproc = getattr(args, "nproc_per_node", None)
+    spawning = nproc is not None and not is_worker_env(os.environ)
     plan, applied, inventory = prepare_devices(cfg, need_inventory=spawning)
     if spawning:
         sp = spawn_plan(args, cfg, plan, inventory)
         return spawn(sp, SCRIPT, strip_launcher_flags(argv))
-    if args.nproc_per_node is not None:
+    if nproc is not None:
         log.warning("--nproc-per-node ignored: this process is already a rank (torchrun)")
-    from distrib.train import train_job
     from distrib.worker import run_recorded, run_worker
 
-    return run_recorded(lambda: run_worker(cfg, plan, applied, "train", train_job))
+    job = job_for(args)  # imports torch: only now, after the CUDA variables are set
+    return run_recorded(lambda: run_worker(cfg, plan, applied, args.command, job))
+
+
+def job_for(args: argparse.Namespace) -> Job:
+    """The worker function of a command (imported late: torch loads only after the CUDA env)."""
+    import functools
+
+    if args.command == "stats":
+        from datasets.commands import stats_job
+
+        return functools.partial(stats_job, data_dir=args.data, resize=args.resize, as_json=args.json)
+    if args.command == "preview":
+        from datasets.commands import preview_job
+
+        return functools.partial(preview_job, out=args.out)
+    from distrib.train import train_job
+
+    return train_job
+
+
+def run_organize(args: argparse.Namespace) -> int:
+    """``organize``: no torch, no workers; the class table goes to stdout."""
+    from datasets.organize import class_table, organize
+
+    plan = organize(args.csv, args.images, args.out, file_col=args.file_col, label_col=args.label_col,
+                    mode=args.mode, dry_run=args.dry_run, allow_missing=args.allow_missing)
+    sys.stdout.write(class_table(plan) + "\n")
+    return 0
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
@@ -222,12 +267,14 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         from distrib.envinfo import main_env
 
         return main_env(inventory, applied, args.json)
+    if args.command == "organize":
+        return run_organize(args)
     if args.command == "bench":
         prepare_devices(cfg, need_inventory=False)
         from distrib.bench import main_bench
 
         return main_bench(args, cfg)
-    return run_train(args, argv, cfg)
+    return run_job(args, argv, cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

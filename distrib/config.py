@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,18 +81,88 @@ class DistSection:
 
 
 @dataclass(frozen=True)
+class DataSection:
+    """Where images come from and how they become batches (see datasets/)."""
+
+    root: str = _f("", "ImageFolder root (one sub-folder per class). Or use csv + images.")
+    csv: str = _f("", "Label CSV for a flat image folder (e.g. train_df.csv); needs images.")
+    images: str = _f("", "Flat image folder the CSV's file names are relative to.")
+    file_col: str = _f("file_name", "CSV column with the image file name (may hold sub-folders).")
+    label_col: str = _f("label", "CSV column with the class label.")
+    cache_dir: str = _f(
+        ".cache/organized", "Where csv + images are organised (hard links) into an ImageFolder tree."
+    )
+    val_root: str = _f("", "Separate validation ImageFolder; empty = split val_fraction off root.")
+    val_fraction: float = _f(0.3, "Share of each class held out for validation (stratified, seeded).")
+    batch_size: int = _f(32, "Images per batch on each rank.")
+    num_workers: int = _f(2, "DataLoader worker processes per rank.")
+    resize: tuple[int, ...] = _f((), "Resize every image to [H, W]; empty = keep sizes.")
+    crop: tuple[int, ...] = _f((), "Training RandomResizedCrop [H, W]; empty = none.")
+    crop_scale: tuple[float, ...] = _f((0.08, 1.0), "RandomResizedCrop area range [min, max].")
+    hflip: float = _f(0.5, "Probability of a horizontal flip (training).")
+    vflip: float = _f(0.0, "Probability of a vertical flip (training).")
+    rotation: float = _f(0.0, "Random rotation range in degrees, +/- (training); 0 = off.")
+    mean: str | tuple[float, ...] = _f(
+        "auto", "Per-channel mean in [0, 1], or 'auto' = exact dataset stats, computed and cached."
+    )
+    std: str | tuple[float, ...] = _f("auto", "Per-channel std in [0, 1], or 'auto' (with mean).")
+    sampler: str = _f(
+        "distributed",
+        "Training sampler: distributed (shuffled shards) or balanced (class-balanced draw).",
+        choices=("distributed", "balanced"),
+    )
+    on_bad_image: str = _f(
+        "error",
+        "A corrupt/truncated image: error (name it and stop) or skip (log, list, count).",
+        choices=("error", "skip"),
+    )
+    pad_variable: bool = _f(False, "Batch images of different sizes by padding (with a mask).")
+    channels_last: bool = _f(False, "Hand the model channels_last batches.")
+    stats_cache: str = _f(".cache/stats", "Where mean = 'auto' stores computed stats per dataset.")
+
+    def __post_init__(self) -> None:
+        errors = []
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value and (len(value) != 2 or min(value) < 1):
+                errors.append(f"data.{name}: give [H, W] with positive sizes, got {list(value)}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            errors.append(f"data.crop_scale: give [min, max] in (0, 1], got {list(self.crop_scale)}")
+        if not 0 <= self.val_fraction < 1:
+            errors.append(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            errors.append("data.batch_size must be >= 1 and data.num_workers >= 0")
+        for name in ("hflip", "vflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                errors.append(f"data.{name}: a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if (isinstance(value, str) and value != "auto") or (
+                not isinstance(value, str) and len(value) != 3
+            ):
+                errors.append(f"data.{name}: 'auto' or three numbers, got {value!r}")
+        if isinstance(self.mean, str) != isinstance(self.std, str):
+            errors.append("data.mean and data.std: both 'auto' or both given")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration: one frozen value passed explicitly."""
 
     run: RunSection = field(default_factory=RunSection)
     launch: LaunchSection = field(default_factory=LaunchSection)
     dist: DistSection = field(default_factory=DistSection)
+    data: DataSection = field(default_factory=DataSection)
 
 
 # --------------------------------------------------------------------------- checking
 
 
 def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
@@ -101,12 +172,16 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Return ``value`` as type ``tp`` or raise ValueError naming ``where`` and the value."""
+    if isinstance(tp, types.UnionType):  # e.g. str | tuple[float, ...]: first that fits
+        for alt in typing.get_args(tp):
+            if (alt is str) == isinstance(value, str):
+                return _coerce(value, alt, where)
+        raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if typing.get_origin(tp) is tuple:
         item_tp = typing.get_args(tp)[0]
-        if isinstance(value, str) and item_tp is int:
+        if isinstance(value, str) and item_tp in (int, float):
             # "--set launch.gpus=1,0" and gpus = "1,0" are natural spellings of a list.
-            value = [v.strip() for v in value.split(",") if v.strip()]
-            value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
+            value = [_number(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
@@ -121,6 +196,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
         )
     return float(value) if tp is float else value
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
 
 
 def _suggest(name: str, valid: Iterable[str]) -> str:

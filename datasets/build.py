@@ -1,0 +1,66 @@
+"""Config -> the run's training and validation samples, class map and normalisation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets.folder import Samples, check_same_classes, dataset_key, scan_imagefolder, stratified_split
+from datasets.organize import organize
+from distrib.config import Config, DataSection
+from distrib.context import DistContext
+from distrib.errors import LaunchError
+from distrib.process_group import barrier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """What every rank agrees on before loading: the same arrays on each rank."""
+
+    train: Samples
+    val: Samples
+    root: Path
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.train.classes
+
+
+def organized_root(ctx: DistContext, data: DataSection) -> Path:
+    """csv + images -> an ImageFolder tree of hard links in the cache (once per node)."""
+    csv, images = Path(data.csv).resolve(), Path(data.images).resolve()
+    out = Path(data.cache_dir) / f"{csv.stem}-{dataset_key(csv, images, data.file_col, data.label_col)}"
+    if ctx.local_rank == 0:
+        organize(csv, images, out, file_col=data.file_col, label_col=data.label_col, mode="link")
+    barrier(ctx)
+    return out
+
+
+def data_root(ctx: DistContext, data: DataSection) -> Path:
+    if data.root:
+        return Path(data.root)
+    if data.csv and data.images:
+        return organized_root(ctx, data)
+    if data.csv or data.images:
+        raise LaunchError("data.csv and data.images go together: set both (or data.root)")
+    raise LaunchError("no data configured: set data.root to an ImageFolder, or data.csv + data.images "
+                      "for a flat folder with a label CSV (--set data.root=/path)")
+
+
+def build_split(ctx: DistContext, cfg: Config) -> DataSplit:
+    """Scan the data and split it, identically on every rank and in every run."""
+    data = cfg.data
+    root = data_root(ctx, data)
+    full = scan_imagefolder(root)
+    if len(full.classes) < 2:
+        raise LaunchError(f"{root} has a single class ({full.classes[0]!r}); a classifier needs "
+                          "at least two class folders")
+    if data.val_root:
+        val = scan_imagefolder(data.val_root)
+        check_same_classes(full, val, data.val_root)
+        return DataSplit(full, val, root)
+    tr, va = stratified_split(full.targets, data.val_fraction, cfg.run.seed)
+    return DataSplit(full.subset(tr), full.subset(va), root)

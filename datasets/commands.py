@@ -1,0 +1,86 @@
+"""The data commands that run as workers: ``stats`` and ``preview``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from datasets.build import DataSplit, build_split
+from datasets.folder import IMG_EXTENSIONS, scan_imagefolder
+from datasets.loader import build_loader
+from datasets.preview import save_preview
+from datasets.stats import cached_stats, compute_stats, format_stats
+from datasets.transforms import Normalizer, train_transform
+from distrib.config import Config
+from distrib.context import DistContext
+from distrib.devices import AppliedEnv
+from distrib.errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+
+def image_paths(folder: str | Path) -> list[str]:
+    """An ImageFolder's images, or the images of a flat folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LaunchError(f"--data {folder} does not exist")
+    has_classes = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(folder))
+    if has_classes:
+        return scan_imagefolder(folder).paths.tolist()
+    flat = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+    if not flat:
+        raise LaunchError(f"--data {folder} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    return flat
+
+
+def stats_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *,
+              data_dir: str, resize: Sequence[int] | None, as_json: bool) -> int:
+    """Exact mean/std of ``data_dir``; rank 0 prints it and writes stats.json."""
+    paths = image_paths(data_dir)
+    stats = compute_stats(paths, ctx, resize=resize, num_workers=cfg.data.num_workers,
+                          skip_bad=cfg.data.on_bad_image == "skip")
+    if ctx.is_main:
+        result = {"mean": list(stats.mean), "std": list(stats.std), "images": stats.images,
+                  "pixels": stats.pixels}
+        (run_dir / "stats.json").write_text(json.dumps({**asdict(stats), "data": str(data_dir),
+                                                        "resize": list(resize or [])}, indent=2))
+        sys.stdout.write((json.dumps(result) if as_json else format_stats(stats)) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def normalization(ctx: DistContext, cfg: Config, split: DataSplit) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """data.mean/std as given, or exact stats of the training split (cached per dataset)."""
+    data = cfg.data
+    if not isinstance(data.mean, str) and not isinstance(data.std, str):
+        return tuple(data.mean), tuple(data.std)
+    stats = cached_stats(split.train, ctx, resize=data.resize, cache_dir=data.stats_cache,
+                         num_workers=data.num_workers, skip_bad=data.on_bad_image == "skip")
+    return stats.mean, stats.std
+
+
+def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *,
+                out: str | None) -> int:
+    """One augmented training batch, normalised on the device and back, as a captioned grid."""
+    split = build_split(ctx, cfg)
+    mean, std = normalization(ctx, cfg, split)
+    loader = build_loader(split.train, train_transform(cfg.data), ctx, seed=cfg.run.seed,
+                          batch_size=min(cfg.data.batch_size, 16), num_workers=cfg.data.num_workers,
+                          train=True, sampler=cfg.data.sampler, on_bad_image=cfg.data.on_bad_image,
+                          pad_variable=cfg.data.pad_variable)
+    batch = next(iter(loader.epoch(0)), None)
+    if batch is None or len(batch) == 0:
+        raise LaunchError("the training split yields no batch to preview")
+    norm = Normalizer(mean, std, ctx.device)
+    shown = norm.denormalize(norm(batch.to(ctx.device).images))
+    if ctx.is_main:
+        captions = [split.classes[int(t)] for t in batch.targets]
+        path = save_preview(shown, captions, out or run_dir / "preview.png")
+        log.info("preview of %d images (%s) written to %s", len(batch),
+                 ", ".join(sorted(set(captions))), path)
+    return 0

@@ -1,0 +1,141 @@
+"""From Samples to batches on the device: the dataset, its DataLoader, and epochs.
+
+``ImageLoader`` has no ``__iter__`` on purpose: batches come from ``loader.epoch(e)``,
+which sets the sampler's epoch, the workers' seeding epoch and the DataLoader's
+generator before creating the iterator, so forgetting ``set_epoch`` (the classic
+"every epoch has the same order" DDP bug) cannot happen through this API.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datasets.collate import Batch, Skipped, collate_uint8
+from datasets.folder import Samples
+from datasets.samplers import BalancedSampler, ExactEvalSampler, TrainSampler
+from datasets.transforms import BadImageError, decode_uint8
+from distrib.context import DistContext
+from distrib.errors import LaunchError
+from distrib.seeding import LOADER, WorkerSeeder, derive_seed, sample_seed
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Decode -> uint8 augmentation, seeded per (seed, epoch, index).
+
+    Keys are ``(index, epoch)`` (plain ints mean epoch 0). The augmentation runs under a
+    forked torch RNG seeded from the key, so it neither depends on nor disturbs the
+    worker's (or, with num_workers=0, the training process's) random state.
+    """
+
+    def __init__(self, samples: Samples, transform: Callable[[torch.Tensor], torch.Tensor],
+                 seed: int, on_bad_image: str = "error"):
+        self.samples = samples
+        self.transform = transform
+        self.seed = seed
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | Skipped:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path = str(self.samples.paths[index])
+        try:
+            image = decode_uint8(path)
+        except BadImageError as e:
+            if self.on_bad_image == "skip":
+                return Skipped(path, str(e))
+            raise LaunchError(f"{e}. Replace or remove the file, or set data.on_bad_image = "
+                              "'skip' to leave such files out (they are listed in the run "
+                              "directory).") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            image = self.transform(image)
+        return image, int(self.samples.targets[index]), index
+
+
+@dataclass
+class ImageLoader:
+    """A DataLoader plus what it takes to start an epoch correctly."""
+
+    loader: DataLoader
+    seed: int
+    rank: int
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.loader.sampler  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """Batches of ``epoch``, with every epoch-dependent seed set first."""
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        if isinstance(self.loader.worker_init_fn, WorkerSeeder):
+            self.loader.worker_init_fn.epoch = epoch
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(derive_seed(self.seed, LOADER, self.rank, epoch))
+        return _unwrap_worker_errors(iter(self.loader))
+
+
+_ORIGINAL = re.compile(r"^(?:[\w.]+\.)?(LaunchError|BadImageError): (.*)$", re.S | re.M)
+
+
+def _unwrap_worker_errors(it: Iterator[Batch]) -> Iterator[Batch]:
+    """A user error raised in a worker comes back wrapped in its traceback: unwrap it."""
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (LaunchError, BadImageError) as e:
+            text = str(e)
+            if "Original Traceback" in text:
+                match = list(_ORIGINAL.finditer(text))
+                text = match[-1].group(2).strip() if match else text
+            raise LaunchError(text) from e
+        yield batch
+
+
+def make_sampler(samples: Samples, ctx: DistContext, seed: int, train: bool,
+                 kind: str = "distributed") -> Sampler:
+    if not train:
+        return ExactEvalSampler(len(samples), ctx)
+    if kind == "balanced":
+        return BalancedSampler(samples.targets, ctx, seed)
+    return TrainSampler(len(samples), ctx, seed)
+
+
+def build_loader(samples: Samples, transform: Callable[[torch.Tensor], torch.Tensor],
+                 ctx: DistContext, *, seed: int, batch_size: int, num_workers: int,
+                 train: bool, sampler: str = "distributed", on_bad_image: str = "error",
+                 pad_variable: bool = False, **loader_kw: Any) -> ImageLoader:
+    """A seeded, sharded DataLoader of uint8 batches for this rank."""
+    dataset = ImageDataset(samples, transform, seed, on_bad_image)
+    smp = make_sampler(samples, ctx, seed, train, sampler)
+    if train and len(smp) < batch_size and len(smp) > 0:
+        log.warning("this rank's shard has %d images, fewer than batch_size %d", len(smp), batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=smp,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate_uint8, pad=pad_variable),
+        pin_memory=ctx.device.startswith("cuda"),
+        worker_init_fn=WorkerSeeder(seed, ctx.rank),
+        generator=torch.Generator().manual_seed(derive_seed(seed, LOADER, ctx.rank, 0)),
+        persistent_workers=False,
+        **loader_kw,
+    )
+    return ImageLoader(loader, seed, ctx.rank)

@@ -1,0 +1,313 @@
+"""Flat image folder + label CSV -> ImageFolder tree, safely and idempotently.
+
+Why not the usual ``shutil.move`` loop: it can lose files (a crash between copy and
+delete across file systems), clobber a same-named file of another class, and cannot be
+re-run. Here everything is planned first (pure: paths, labels, conflicts, missing and
+extra files) and refused as a whole if anything is wrong; then each file is placed by
+hard link (a copy across file systems), never over a different file, and ``move`` only
+removes a source once its destination is complete. A second run finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import filecmp
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from distrib.errors import LaunchError
+
+log = logging.getLogger(__name__)
+MODES = ("link", "copy", "symlink", "move")
+MANIFEST = "organize_manifest.csv"
+_TMP_SUFFIX = ".organize-tmp"
+_SHOW = 5
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One file: where it is, where it goes, its class."""
+
+    src: Path
+    dst: Path
+    label: str
+    rel: str  # the CSV's file name, normalised to '/'
+
+
+@dataclass
+class OrganizePlan:
+    """What a run would do; built without touching the output folder."""
+
+    todo: list[Placement] = field(default_factory=list)
+    done: list[Placement] = field(default_factory=list)  # already in place
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # on disk, not in the CSV
+    duplicates: int = 0  # same file, same label, listed twice
+
+    @property
+    def all(self) -> list[Placement]:
+        return sorted(self.todo + self.done, key=lambda p: (p.label, p.rel))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_labels(csv: str | Path, file_col: str, label_col: str) -> list[tuple[str, str]]:
+    """(file name, label) rows from the CSV; errors name the columns that exist."""
+    import pandas as pd
+
+    path = Path(csv)
+    if not path.is_file():
+        raise LaunchError(f"label CSV {csv} does not exist; pass --csv PATH")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise LaunchError(f"label CSV {csv} is empty; it needs a header and one row per image") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise LaunchError(f"label CSV {csv} cannot be parsed: {e}") from e
+    absent = [c for c in (file_col, label_col) if c not in df.columns]
+    if absent:
+        raise LaunchError(
+            f"label CSV {csv} has no column {', '.join(repr(c) for c in absent)}; columns found: "
+            f"{', '.join(repr(c) for c in df.columns)}. Name them with --file-col / --label-col."
+        )
+    if df.empty:
+        raise LaunchError(f"label CSV {csv} has a header but no rows")
+    return list(zip(df[file_col].str.strip(), df[label_col].str.strip(), strict=True))
+
+
+def safe_relative(name: str) -> str:
+    """'a\\b.png' -> 'a/b.png'; absolute paths and '..' escapes are errors."""
+    text = name.replace("\\", "/")
+    if not text or text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        raise ValueError(f"{name!r} is absolute or empty; file names must be relative to --images")
+    parts = PurePosixPath(text).parts
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            raise ValueError(f"{name!r} escapes the images folder with '..'")
+    return str(PurePosixPath(*[p for p in parts if p != "."]))
+
+
+def bad_label(label: str) -> bool:
+    """Labels that cannot be a folder name."""
+    return label in ("", ".", "..") or any(c in label for c in '/\\\0') or label != label.strip()
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _check_rows(rows: list[tuple[str, str]]) -> tuple[dict[str, str], int]:
+    """Validate names and labels; return {relative name: label} and the duplicate count."""
+    errors: list[str] = []
+    labels: dict[str, str] = {}
+    duplicates = 0
+    for name, label in rows:
+        try:
+            rel = safe_relative(name)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        if bad_label(label):
+            errors.append(f"label {label!r} of {name!r} cannot be a folder name")
+            continue
+        if rel in labels:
+            if labels[rel] != label:
+                errors.append(f"{rel!r} is labelled both {labels[rel]!r} and {label!r}")
+            duplicates += 1
+            continue
+        labels[rel] = label
+    if errors:
+        more = f" (and {len(errors) - _SHOW} more)" if len(errors) > _SHOW else ""
+        raise LaunchError("the label CSV has problems; nothing was changed:\n  - "
+                          + "\n  - ".join(errors[:_SHOW]) + more)
+    return labels, duplicates
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        return False
+    return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+
+
+def plan_organize(rows: list[tuple[str, str]], images: Path, out: Path) -> OrganizePlan:
+    """Decide every placement; refuse conflicts with files already in ``out``."""
+    labels, duplicates = _check_rows(rows)
+    plan = OrganizePlan(duplicates=duplicates)
+    conflicts: list[str] = []
+    for rel, label in labels.items():
+        src, dst = images / rel, out / label / PurePosixPath(rel).name
+        p = Placement(src, dst, label, rel)
+        if dst.exists():
+            if not src.exists() or _same_file(src, dst):
+                plan.done.append(p)  # placed earlier (or moved: the source is gone)
+            else:
+                conflicts.append(f"{dst} exists and differs from {src}")
+        elif src.is_file():
+            plan.todo.append(p)
+        else:
+            plan.missing.append(rel)
+    _check_collisions(plan, conflicts)
+    listed = set(labels)
+    plan.extra = sorted(
+        str(p.relative_to(images)).replace(os.sep, "/")
+        for p in images.rglob("*")
+        if p.is_file() and str(p.relative_to(images)).replace(os.sep, "/") not in listed
+    ) if images.is_dir() else []
+    return plan
+
+
+def _check_collisions(plan: OrganizePlan, conflicts: list[str]) -> None:
+    """Two CSV rows that would land on the same destination (same base name, same class)."""
+    seen: dict[Path, str] = {}
+    for p in plan.todo + plan.done:
+        if p.dst in seen:
+            conflicts.append(f"{seen[p.dst]!r} and {p.rel!r} would both become {p.dst}")
+        seen[p.dst] = p.rel
+    if conflicts:
+        raise LaunchError("refusing to overwrite; nothing was changed:\n  - "
+                          + "\n  - ".join(conflicts[:_SHOW])
+                          + (f"\n  (and {len(conflicts) - _SHOW} more)" if len(conflicts) > _SHOW else ""))
+
+
+# --------------------------------------------------------------------------- doing
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy to a temporary name, fsync, rename: a crash never leaves a partial dst."""
+    tmp = dst.with_name(dst.name + _TMP_SUFFIX)
+    with src.open("rb") as fi, tmp.open("wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 20)
+        fo.flush()
+        os.fsync(fo.fileno())
+    shutil.copystat(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    try:
+        os.link(src, dst)
+        return "link"
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+    _copy_atomic(src, dst)
+    return "copy"
+
+
+def place(p: Placement, mode: str) -> str:
+    """Put one file in place; returns how ('link', 'copy', 'symlink')."""
+    p.dst.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "symlink":
+        os.symlink(p.src.resolve(), p.dst)
+        return "symlink"
+    how = "copy" if mode == "copy" else None
+    if how:
+        _copy_atomic(p.src, p.dst)
+    else:
+        how = _link_or_copy(p.src, p.dst)
+    if mode == "move":
+        p.src.unlink()  # only now: dst is complete (a link, or an fsynced copy)
+    return how
+
+
+def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
+    """Place every pending file; a source still present beside a finished move is removed."""
+    counts: Counter[str] = Counter()
+    for p in plan.todo:
+        try:
+            counts[place(p, mode)] += 1
+        except FileExistsError:
+            if not _same_file(p.src, p.dst):
+                raise LaunchError(f"{p.dst} appeared meanwhile and differs from {p.src}") from None
+            counts["already"] += 1
+    if mode == "move":  # finish moves interrupted between link and unlink
+        for p in plan.done:
+            if p.src.exists() and _same_file(p.src, p.dst):
+                p.src.unlink()
+                counts["finished move"] += 1
+    return counts
+
+
+def write_manifest(plan: OrganizePlan, out: Path) -> Path:
+    import pandas as pd
+
+    rows = [{"file_name": p.rel, "label": p.label, "path": str(p.dst.relative_to(out))}
+            for p in plan.all]
+    path = out / MANIFEST
+    pd.DataFrame(rows, columns=["file_name", "label", "path"]).to_csv(path, index=False)
+    return path
+
+
+def class_table(plan: OrganizePlan) -> str:
+    counts = Counter(p.label for p in plan.all)
+    width = max([len(c) for c in counts] + [5])
+    lines = [f"{'class':<{width}}  images"]
+    lines += [f"{c:<{width}}  {n:>6}" for c, n in sorted(counts.items())]
+    lines.append(f"{'total':<{width}}  {sum(counts.values()):>6}  ({len(counts)} classes)")
+    return "\n".join(lines)
+
+
+def _report(plan: OrganizePlan) -> None:
+    if plan.extra:
+        log.warning("%d file(s) in the images folder are not in the CSV (left alone), e.g. %s",
+                    len(plan.extra), ", ".join(plan.extra[:_SHOW]))
+    if plan.duplicates:
+        log.warning("%d CSV row(s) repeat a file with the same label (used once)", plan.duplicates)
+
+
+def organize(csv: str | Path, images: str | Path, out: str | Path, *, file_col: str = "file_name",
+             label_col: str = "label", mode: str = "link", dry_run: bool = False,
+             allow_missing: bool = False) -> OrganizePlan:
+    """Plan, check, then place every file; returns the plan (for reports and tests)."""
+    if mode not in MODES:
+        raise LaunchError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    images, out = Path(images), Path(out)
+    if not images.is_dir():
+        raise LaunchError(f"images folder {images} does not exist; pass --images DIR")
+    if out.is_dir() and not dry_run:
+        cleanup_temporaries(out)  # partial copies of a killed run; they replaced nothing
+    plan = plan_organize(read_labels(csv, file_col, label_col), images, out)
+    if plan.missing and not (allow_missing or dry_run):
+        raise LaunchError(
+            f"{len(plan.missing)} image(s) named in {csv} are not in {images}, e.g. "
+            f"{', '.join(plan.missing[:_SHOW])}. Fix the CSV or the folder, or pass "
+            "--allow-missing to organise the rest; nothing was changed."
+        )
+    _report(plan)
+    if dry_run:
+        log.info("dry run: would place %d file(s) (%s), %d already in place, %d missing",
+                 len(plan.todo), mode, len(plan.done), len(plan.missing))
+        return plan
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        counts = execute(plan, mode)
+        write_manifest(plan, out)
+    except PermissionError as e:
+        raise LaunchError(f"cannot write to {e.filename or out}: permission denied; "
+                          "choose a writable --out") from e
+    if plan.todo or counts:
+        log.info("placed %d file(s): %s; %d already in place", len(plan.todo),
+                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none", len(plan.done))
+    else:
+        log.info("nothing to do: all %d file(s) already in place in %s", len(plan.done), out)
+    return plan
+
+
+def cleanup_temporaries(out: Path) -> int:
+    """Remove partial copies left by a killed run (they never replaced anything)."""
+    n = 0
+    for tmp in out.rglob("*" + _TMP_SUFFIX):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            n += 1
+    return n

@@ -1,0 +1,155 @@
+"""Exact per-channel mean and std from uint8 histograms.
+
+Why histograms: a uint8 image is fully described, for mean and variance, by 3 x 256
+counts. Counts add up exactly across images, workers and ranks (an int64 sum), and
+the float64 moments computed from the merged counts equal those of the whole pixel
+array. The usual loop — average each image's std — is not the dataset std at all (it
+ignores the spread *between* images: 27-29% low on MVTec-like data) and converts every
+pixel to float first. We report that number too, with its error, so users can see it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from datasets.folder import Samples, dataset_key
+from datasets.transforms import BadImageError, decode_uint8
+from distrib.context import DistContext
+from distrib.errors import LaunchError
+from distrib.process_group import all_reduce_sum, broadcast_object
+
+log = logging.getLogger(__name__)
+LEVELS = torch.arange(256, dtype=torch.float64) / 255.0
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Dataset statistics in [0, 1] units (what ``Normalize`` expects)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    images: int
+    pixels: int  # per channel
+    naive_std: tuple[float, ...]  # mean of per-image stds, for comparison
+
+    def naive_error_pct(self) -> list[float]:
+        return [100.0 * (n - s) / s if s else 0.0 for n, s in zip(self.naive_std, self.std, strict=True)]
+
+
+def image_histogram(img: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, 256) int64 counts."""
+    return torch.stack([torch.bincount(img[c].reshape(-1), minlength=256) for c in range(img.shape[0])])
+
+
+def moments(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and population std (float64) of the pixels counted in ``hist``."""
+    h = hist.to(torch.float64)
+    n = h.sum(dim=1)
+    mean = (h @ LEVELS) / n
+    var = (h * (LEVELS.view(1, -1) - mean.view(-1, 1)) ** 2).sum(dim=1) / n
+    return mean, var.sqrt()
+
+
+class _HistDataset(Dataset):
+    def __init__(self, paths: Sequence[str], resize: Sequence[int] | None, skip_bad: bool):
+        self.paths = paths
+        self.resize = v2.Resize(list(resize), antialias=True) if resize else None
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        try:
+            img = decode_uint8(self.paths[i])
+        except BadImageError as e:
+            if self.skip_bad:
+                return None
+            raise LaunchError(f"{e}; set data.on_bad_image = 'skip' to leave it out") from None
+        if self.resize is not None:
+            img = self.resize(img)
+        return image_histogram(img)
+
+
+def _first(items: list) -> object:
+    return items[0]
+
+
+def compute_stats(paths: Sequence[str], ctx: DistContext, *, resize: Sequence[int] | None = None,
+                  num_workers: int = 2, skip_bad: bool = False) -> Stats:
+    """Exact stats over ``paths``, sharded r::W across ranks and summed (identity alone)."""
+    shard = list(paths[ctx.rank :: ctx.world_size])
+    loader = DataLoader(_HistDataset(shard, resize, skip_bad), batch_size=1, num_workers=num_workers,
+                        collate_fn=_first)
+    total = torch.zeros(3, 256, dtype=torch.int64)
+    naive = torch.zeros(4, dtype=torch.float64)  # sum of per-image std (3) and image count
+    for hist in loader:
+        if hist is None:
+            continue
+        total += hist
+        naive[:3] += moments(hist)[1]
+        naive[3] += 1
+    all_reduce_sum(ctx, total)
+    all_reduce_sum(ctx, naive)
+    images = int(naive[3].item())
+    if images == 0:
+        raise LaunchError("no decodable images to compute statistics from")
+    mean, std = moments(total)
+    return Stats(tuple(mean.tolist()), tuple(std.tolist()), images, int(total[0].sum()),
+                 tuple((naive[:3] / images).tolist()))
+
+
+def stats_cache_path(samples: Samples, resize: Sequence[int], cache_dir: str | Path) -> Path:
+    """One cache file per (image list, resize): a changed dataset gets new stats."""
+    key = dataset_key(len(samples), list(resize), *samples.paths.tolist())
+    return Path(cache_dir) / f"stats-{key}.json"
+
+
+def cached_stats(samples: Samples, ctx: DistContext, *, resize: Sequence[int], cache_dir: str | Path,
+                 num_workers: int, skip_bad: bool) -> Stats:
+    """``data.mean = 'auto'``: load the dataset's stats, or compute them once and cache."""
+    path = stats_cache_path(samples, resize, cache_dir)
+    found = broadcast_object(ctx, _load(path) if ctx.is_main else None)
+    if found is not None:
+        log.info("dataset stats from cache %s", path)
+        return found
+    log.info("computing exact dataset stats over %d images (cached in %s)", len(samples), path)
+    stats = compute_stats(samples.paths.tolist(), ctx, resize=resize or None,
+                          num_workers=num_workers, skip_bad=skip_bad)
+    if ctx.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(stats)))
+        tmp.replace(path)
+    return stats
+
+
+def _load(path: Path) -> Stats | None:
+    try:
+        raw = json.loads(path.read_text())
+        return Stats(tuple(raw["mean"]), tuple(raw["std"]), raw["images"], raw["pixels"],
+                     tuple(raw["naive_std"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or damaged: recompute
+
+
+def format_stats(stats: Stats) -> str:
+    """The text report of ``launch.py stats``."""
+    def fmt(v: Sequence[float]) -> str:
+        return "[" + ", ".join(f"{x:.6f}" for x in v) + "]"
+
+    err = ", ".join(f"{e:+.1f}%" for e in stats.naive_error_pct())
+    return "\n".join([
+        f"images         {stats.images}  ({stats.pixels} pixels per channel)",
+        f"mean           {fmt(stats.mean)}",
+        f"std            {fmt(stats.std)}",
+        f"mean of per-image std (the common shortcut): {fmt(stats.naive_std)}  error {err}",
+    ])
