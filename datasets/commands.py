@@ -47,6 +47,7 @@ def stats_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv,
     if ctx.is_main:
         result = {"mean": list(stats.mean), "std": list(stats.std), "images": stats.images,
                   "pixels": stats.pixels}
+        write_bad_images(run_dir, stats.skipped)
         (run_dir / "stats.json").write_text(json.dumps({**asdict(stats), "data": str(data_dir),
                                                         "resize": list(resize or [])}, indent=2))
         sys.stdout.write((json.dumps(result) if as_json else format_stats(stats)) + "\n")
@@ -54,7 +55,17 @@ def stats_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv,
     return 0
 
 
-def normalization(ctx: DistContext, cfg: Config, split: DataSplit) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def write_bad_images(run_dir: Path, paths: Sequence[str]) -> None:
+    """bad_images.txt in the run directory: the files data.on_bad_image = 'skip' left out."""
+    if paths:
+        (run_dir / "bad_images.txt").write_text("".join(f"{p}\n" for p in sorted(set(paths))))
+        log.warning("%d undecodable image(s) skipped; list in %s", len(set(paths)),
+                    run_dir / "bad_images.txt")
+
+
+def normalization(
+    ctx: DistContext, cfg: Config, split: DataSplit
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """data.mean/std as given, or exact stats of the training split (cached per dataset)."""
     data = cfg.data
     if not isinstance(data.mean, str) and not isinstance(data.std, str):
@@ -79,6 +90,7 @@ def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEn
     norm = Normalizer(mean, std, ctx.device)
     shown = norm.denormalize(norm(batch.to(ctx.device).images))
     if ctx.is_main:
+        write_bad_images(run_dir, [s.path for s in batch.skipped])
         captions = [split.classes[int(t)] for t in batch.targets]
         path = save_preview(shown, captions, out or run_dir / "preview.png")
         log.info("preview of %d images (%s) written to %s", len(batch),

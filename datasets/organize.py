@@ -292,8 +292,8 @@ def organize(csv: str | Path, images: str | Path, out: str | Path, *, file_col: 
         out.mkdir(parents=True, exist_ok=True)
         counts = execute(plan, mode)
         write_manifest(plan, out)
-    except PermissionError as e:
-        raise LaunchError(f"cannot write to {e.filename or out}: permission denied; "
+    except OSError as e:
+        raise LaunchError(f"cannot write to {e.filename or out}: {e.strerror}; "
                           "choose a writable --out") from e
     if plan.todo or counts:
         log.info("placed %d file(s): %s; %d already in place", len(plan.todo),

@@ -24,7 +24,7 @@ from datasets.folder import Samples, dataset_key
 from datasets.transforms import BadImageError, decode_uint8
 from distrib.context import DistContext
 from distrib.errors import LaunchError
-from distrib.process_group import all_reduce_sum, broadcast_object
+from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
 
 log = logging.getLogger(__name__)
 LEVELS = torch.arange(256, dtype=torch.float64) / 255.0
@@ -39,6 +39,7 @@ class Stats:
     images: int
     pixels: int  # per channel
     naive_std: tuple[float, ...]  # mean of per-image stds, for comparison
+    skipped: tuple[str, ...] = ()  # undecodable files left out (data.on_bad_image = 'skip')
 
     def naive_error_pct(self) -> list[float]:
         return [100.0 * (n - s) / s if s else 0.0 for n, s in zip(self.naive_std, self.std, strict=True)]
@@ -67,12 +68,13 @@ class _HistDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor | None:
+    def __getitem__(self, i: int) -> torch.Tensor | str:
         try:
             img = decode_uint8(self.paths[i])
         except BadImageError as e:
             if self.skip_bad:
-                return None
+                log.warning("skipping %s", e)
+                return self.paths[i]
             raise LaunchError(f"{e}; set data.on_bad_image = 'skip' to leave it out") from None
         if self.resize is not None:
             img = self.resize(img)
@@ -91,8 +93,10 @@ def compute_stats(paths: Sequence[str], ctx: DistContext, *, resize: Sequence[in
                         collate_fn=_first)
     total = torch.zeros(3, 256, dtype=torch.int64)
     naive = torch.zeros(4, dtype=torch.float64)  # sum of per-image std (3) and image count
+    skipped: list[str] = []
     for hist in loader:
-        if hist is None:
+        if isinstance(hist, str):
+            skipped.append(hist)
             continue
         total += hist
         naive[:3] += moments(hist)[1]
@@ -103,8 +107,9 @@ def compute_stats(paths: Sequence[str], ctx: DistContext, *, resize: Sequence[in
     if images == 0:
         raise LaunchError("no decodable images to compute statistics from")
     mean, std = moments(total)
+    every_skipped = [p for part in gather_objects(ctx, skipped) for p in part]
     return Stats(tuple(mean.tolist()), tuple(std.tolist()), images, int(total[0].sum()),
-                 tuple((naive[:3] / images).tolist()))
+                 tuple((naive[:3] / images).tolist()), tuple(sorted(every_skipped)))
 
 
 def stats_cache_path(samples: Samples, resize: Sequence[int], cache_dir: str | Path) -> Path:
@@ -136,7 +141,7 @@ def _load(path: Path) -> Stats | None:
     try:
         raw = json.loads(path.read_text())
         return Stats(tuple(raw["mean"]), tuple(raw["std"]), raw["images"], raw["pixels"],
-                     tuple(raw["naive_std"]))
+                     tuple(raw["naive_std"]), tuple(raw.get("skipped", ())))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent or damaged: recompute
 
@@ -147,7 +152,8 @@ def format_stats(stats: Stats) -> str:
         return "[" + ", ".join(f"{x:.6f}" for x in v) + "]"
 
     err = ", ".join(f"{e:+.1f}%" for e in stats.naive_error_pct())
-    return "\n".join([
+    skipped = [f"skipped        {len(stats.skipped)} undecodable file(s)"] if stats.skipped else []
+    return "\n".join(skipped + [
         f"images         {stats.images}  ({stats.pixels} pixels per channel)",
         f"mean           {fmt(stats.mean)}",
         f"std            {fmt(stats.std)}",

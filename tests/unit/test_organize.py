@@ -1,0 +1,264 @@
+"""organize: flat images + label CSV -> ImageFolder, safe, idempotent, loses nothing."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from datasets import organize as org
+from datasets.organize import organize
+from datasets.synthetic import write_synthetic
+from distrib.errors import LaunchError
+
+MAKE_IMAGEFOLDER = REPO.parent / "shared" / "bench" / "make_imagefolder.py"
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Class folders' files and their bytes (the manifest at the root is not part of it)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.parent != root}
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("file_name", "label")) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def flat(tmp_path: Path, names: list[str]) -> Path:
+    images = tmp_path / "images"
+    for n in names:
+        p = images / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(f"bytes of {n}".encode())
+    return images
+
+
+@pytest.mark.skipif(not MAKE_IMAGEFOLDER.exists(), reason="../shared/bench/make_imagefolder.py absent")
+def test_same_tree_as_make_imagefolder(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(MAKE_IMAGEFOLDER), str(tmp_path / "d"), "--classes", "5",
+                    "--per-class", "3", "--size", "32", "--imagefolder"], check=True,
+                   capture_output=True)
+    d = tmp_path / "d"
+    organize(d / "train_df.csv", d / "train", tmp_path / "out")
+    assert tree(tmp_path / "out") == tree(d / "imagefolder")
+    assert len(tree(tmp_path / "out")) == 15
+
+
+def test_synthetic_flat_folder_becomes_class_folders(tmp_path: Path) -> None:
+    csv_path = write_synthetic(tmp_path / "s", classes=3, per_class=4, size=16)
+    plan = organize(csv_path, tmp_path / "s" / "images", tmp_path / "out")
+    got = tree(tmp_path / "out")
+    assert sorted({k.split("/")[0] for k in got}) == ["disc", "square", "triangle"]
+    assert len(got) == 12 and len(plan.todo) == 12
+    # hard links by default: same inode, no extra space
+    one = next((tmp_path / "out" / "disc").iterdir())
+    assert one.stat().st_ino == (tmp_path / "s" / "images" / one.name).stat().st_ino
+    manifest = (tmp_path / "out" / org.MANIFEST).read_text().splitlines()
+    assert manifest[0] == "file_name,label,path" and len(manifest) == 13
+
+
+def test_second_run_changes_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    images = flat(tmp_path, ["a.png", "b.png", "c.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x"), ("b.png", "y"), ("c.png", "x")])
+    organize(csv_path, images, tmp_path / "out")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")}
+    caplog.set_level("INFO")
+    plan = organize(csv_path, images, tmp_path / "out")
+    assert plan.todo == [] and len(plan.done) == 3
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")} == before
+    assert "nothing to do" in caplog.text
+
+
+def test_backslash_and_subfolder_names(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["sub/a.png", "sub/deeper/b.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("sub\\a.png", "x"), ("./sub/deeper/b.png", "y")])
+    organize(csv_path, images, tmp_path / "out", mode="copy")
+    assert sorted(tree(tmp_path / "out")) == ["x/a.png", "y/b.png"]
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.png", "sub/../../x.png", "C:\\x.png"])
+def test_absolute_and_escaping_paths_are_refused(name: str, tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x"), (name, "y")])
+    with pytest.raises(LaunchError) as e:
+        organize(csv_path, images, tmp_path / "out")
+    assert "nothing was changed" in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_conflicting_labels_are_an_error(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x"), ("a.png", "y")])
+    with pytest.raises(LaunchError) as e:
+        organize(csv_path, images, tmp_path / "out")
+    assert "'a.png' is labelled both 'x' and 'y'" in str(e.value)
+
+
+def test_repeated_row_with_the_same_label_is_used_once(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x"), ("a.png", "x")])
+    assert organize(csv_path, images, tmp_path / "out").duplicates == 1
+
+
+@pytest.mark.parametrize("label", ["", "..", "a/b", "a\\b"])
+def test_unusable_labels(label: str, tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", label)])
+    with pytest.raises(LaunchError) as e:
+        organize(csv_path, images, tmp_path / "out")
+    assert "cannot be a folder name" in str(e.value)
+
+
+def test_missing_columns_list_the_columns_found(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x")], header=("image", "class"))
+    with pytest.raises(LaunchError) as e:
+        organize(csv_path, images, tmp_path / "out")
+    assert "no column 'file_name', 'label'" in str(e.value) and "'image', 'class'" in str(e.value)
+    organize(csv_path, images, tmp_path / "out", file_col="image", label_col="class")
+    assert (tmp_path / "out" / "x" / "a.png").exists()
+
+
+def test_empty_csv_and_header_only(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(LaunchError, match="is empty"):
+        organize(tmp_path / "empty.csv", images, tmp_path / "out")
+    (tmp_path / "header.csv").write_text("file_name,label\n")
+    with pytest.raises(LaunchError, match="no rows"):
+        organize(tmp_path / "header.csv", images, tmp_path / "out")
+
+
+def test_missing_files_are_reported_and_nothing_changes(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    rows = [("a.png", "x")] + [(f"gone{i}.png", "x") for i in range(7)]
+    csv_path = write_csv(tmp_path / "l.csv", rows)
+    with pytest.raises(LaunchError) as e:
+        organize(csv_path, images, tmp_path / "out")
+    assert "7 image(s)" in str(e.value) and "gone0.png" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    plan = organize(csv_path, images, tmp_path / "out", allow_missing=True)
+    assert len(plan.missing) == 7 and (tmp_path / "out" / "x" / "a.png").exists()
+
+
+def test_files_not_in_the_csv_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    images = flat(tmp_path, ["a.png", "stray.png"])
+    plan = organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out")
+    assert plan.extra == ["stray.png"] and "stray.png" in caplog.text
+
+
+def test_never_overwrites_a_different_file(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png", "b.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x"), ("b.png", "x")])
+    (tmp_path / "out" / "x").mkdir(parents=True)
+    (tmp_path / "out" / "x" / "a.png").write_bytes(b"someone else's file")
+    with pytest.raises(LaunchError) as e:
+        organize(csv_path, images, tmp_path / "out")
+    assert "exists and differs" in str(e.value)
+    assert (tmp_path / "out" / "x" / "a.png").read_bytes() == b"someone else's file"
+    assert not (tmp_path / "out" / "x" / "b.png").exists()
+
+
+def test_two_rows_landing_on_one_name_are_refused(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["d1/a.png", "d2/a.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("d1/a.png", "x"), ("d2/a.png", "x")])
+    with pytest.raises(LaunchError, match="would both become"):
+        organize(csv_path, images, tmp_path / "out")
+
+
+def test_dry_run_changes_nothing(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    plan = organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out",
+                    mode="move", dry_run=True)
+    assert len(plan.todo) == 1 and not (tmp_path / "out").exists() and (images / "a.png").exists()
+
+
+def test_unwritable_output(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LaunchError, match="cannot write"):
+        organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "file" / "out")
+    assert (images / "a.png").exists()
+
+
+def test_copy_across_file_systems(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=shm) as src:
+        images = flat(Path(src), ["a.png"])
+        organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out",
+                 mode="move")
+        assert (tmp_path / "out" / "x" / "a.png").read_bytes() == b"bytes of a.png"
+        assert not (images / "a.png").exists()
+
+
+def test_move_interrupted_between_link_and_unlink_loses_nothing(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [f"f{i}.png" for i in range(6)]
+    images = flat(tmp_path, names)
+    csv_path = write_csv(tmp_path / "l.csv", [(n, "x") for n in names])
+    real_unlink, calls = Path.unlink, []
+
+    def dying_unlink(self: Path, missing_ok: bool = False) -> None:
+        calls.append(self)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed right after the 3rd link, before its unlink
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        organize(csv_path, images, tmp_path / "out", mode="move")
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    for n in names:  # every file exists somewhere, intact
+        where = [p for p in (images / n, tmp_path / "out" / "x" / n) if p.exists()]
+        assert where and all(p.read_bytes() == f"bytes of {n}".encode() for p in where)
+    organize(csv_path, images, tmp_path / "out", mode="move")
+    assert sorted(p.name for p in (tmp_path / "out" / "x").iterdir()) == names
+    assert list(images.iterdir()) == []
+
+
+def test_partial_copy_of_a_killed_run_is_cleaned_and_redone(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    (tmp_path / "out" / "x").mkdir(parents=True)
+    (tmp_path / "out" / "x" / ("a.png" + org._TMP_SUFFIX)).write_bytes(b"half")
+    organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out", mode="copy")
+    assert [p.name for p in (tmp_path / "out" / "x").iterdir()] == ["a.png"]
+
+
+def test_move_killed_midway_by_a_signal_then_rerun(tmp_path: Path) -> None:
+    """A real SIGKILL while moving 3000 files: nothing lost, the rerun completes."""
+    names = [f"f{i:05d}.png" for i in range(3000)]
+    images = flat(tmp_path, names)
+    csv_path = write_csv(tmp_path / "l.csv", [(n, f"c{i % 7}") for i, n in enumerate(names)])
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "launch.py"), "organize", "--csv", str(csv_path), "--images",
+           str(images), "--out", str(out), "--mode", "move"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.is_dir() and sum(1 for _ in out.rglob("*.png")) > 200:
+            proc.kill()
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=30)
+    if proc.returncode != -9:
+        pytest.skip("organize finished before it could be killed")
+    for i, n in enumerate(names):
+        where = [p for p in (images / n, out / f"c{i % 7}" / n) if p.exists()]
+        assert where, f"{n} lost"
+        assert all(p.read_bytes() == f"bytes of {n}".encode() for p in where)
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True).returncode == 0
+    assert sum(1 for _ in out.rglob("*.png")) == 3000 and not any(images.iterdir())
