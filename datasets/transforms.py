@@ -9,6 +9,7 @@ where it is cheap (on the GPU, or once per batch in the main process on a CPU ru
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from torchvision.transforms import v2
 from distrib.config import DataSection
 
 log = logging.getLogger(__name__)
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency here);
+# they still ship and are the fastest PNG/JPEG path to uint8, so keep them quiet.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 TV_DECODED = (".png", ".jpg", ".jpeg")  # torchvision.io decoders; others go through PIL
 
 
