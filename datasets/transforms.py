@@ -74,7 +74,11 @@ def decode_uint8(path: str | Path) -> torch.Tensor:
         raise BadImageError(f"cannot decode {path}: {first}") from e
 
 
-def train_transform(data: DataSection) -> v2.Compose:
+def _compose(steps: list[torch.nn.Module]) -> torch.nn.Module:
+    return v2.Compose(steps) if steps else v2.Identity()
+
+
+def train_transform(data: DataSection) -> torch.nn.Module:
     """Random augmentation on uint8 tensors, from the config."""
     steps: list[torch.nn.Module] = []
     if data.resize:
@@ -87,10 +91,10 @@ def train_transform(data: DataSection) -> v2.Compose:
         steps.append(v2.RandomVerticalFlip(data.vflip))
     if data.rotation > 0:
         steps.append(v2.RandomRotation(data.rotation))
-    return v2.Compose(steps)
+    return _compose(steps)
 
 
-def eval_transform(data: DataSection) -> v2.Compose:
+def eval_transform(data: DataSection) -> torch.nn.Module:
     """Deterministic counterpart: resize, then centre-crop to the training crop size."""
     steps: list[torch.nn.Module] = []
     if data.resize:
@@ -98,7 +102,7 @@ def eval_transform(data: DataSection) -> v2.Compose:
     if data.crop:
         steps.append(v2.CenterCrop(list(data.crop)) if data.resize
                      else v2.Resize(list(data.crop), antialias=True))
-    return v2.Compose(steps)
+    return _compose(steps)
 
 
 class Normalizer:

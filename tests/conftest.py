@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +84,26 @@ def rank_reports(out_dir: Path) -> list[dict]:
     assert len(runs) == 1, runs
     files = sorted((runs[0] / "ranks").glob("rank*.json"), key=lambda p: int(p.stem[4:]))
     return [json.loads(p.read_text()) for p in files]
+
+
+def reference_stats(
+    paths: Sequence[str], resize: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 numpy over every decoded pixel: the ground truth."""
+    from torchvision.transforms import v2
+
+    from datasets.transforms import decode_uint8
+
+    rs = v2.Resize(list(resize), antialias=True) if resize else None
+    chans: list[list[np.ndarray]] = [[], [], []]
+    for p in paths:
+        img = decode_uint8(p)
+        img = rs(img) if rs else img
+        for c in range(3):
+            chans[c].append(img[c].numpy().astype(np.float64).ravel() / 255.0)
+    allc = [np.concatenate(c) for c in chans]
+    return np.array([a.mean() for a in allc]), np.array([a.std() for a in allc])
+
 
 
 @pytest.fixture(autouse=True)
