@@ -144,9 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     prev = sub.add_parser("preview", parents=[common], help="PNG grid of one augmented batch")
     prev.add_argument("--out", help="PNG path (default: runs/<name>/preview.png)")
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
-    bench.add_argument("what", choices=["launch"], help="launch: start-up time vs torchrun")
+    bench.add_argument("what", choices=["launch", "data"],
+                       help="launch: start-up vs torchrun; data: loader and stats throughput")
     bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--nproc", type=int, default=2)
+    bench.add_argument("--nproc", type=int, default=2, help="launch: processes")
+    bench.add_argument("--data", help="data: an ImageFolder root (e.g. from make_imagefolder.py)")
+    bench.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
+    bench.add_argument("--batch", type=int, default=8, help="data: batch size")
+    bench.add_argument("--size", type=int, default=1024, help="data: the recipe's Resize((S, S))")
     return parser
 
 

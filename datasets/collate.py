@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import default_collate
 
 from distrib.errors import LaunchError
 
@@ -66,7 +67,9 @@ def collate_uint8(items: list[tuple[torch.Tensor, int, int] | Skipped], pad: boo
     indices = torch.tensor([it[2] for it in good], dtype=torch.int64)
     sizes = {tuple(t.shape[1:]) for t in images}
     if len(sizes) == 1:
-        return Batch(torch.stack(images), targets, indices, None, skipped)
+        # default_collate stacks straight into shared memory inside a worker, saving the
+        # copy the worker queue would otherwise make
+        return Batch(default_collate(images), targets, indices, None, skipped)
     if not pad:
         shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4])
         raise LaunchError(f"images in one batch have different sizes ({shown}): set data.resize = "

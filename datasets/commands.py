@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from datasets.build import DataSplit, build_split
-from datasets.folder import IMG_EXTENSIONS, scan_imagefolder
+from datasets.folder import IMG_EXTENSIONS, scan_imagefolder, write_class_map
 from datasets.loader import build_loader
 from datasets.preview import save_preview
 from datasets.stats import cached_stats, compute_stats, format_stats
@@ -90,6 +90,7 @@ def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEn
     norm = Normalizer(mean, std, ctx.device)
     shown = norm.denormalize(norm(batch.to(ctx.device).images))
     if ctx.is_main:
+        write_class_map(split.classes, run_dir / "classes.json")
         write_bad_images(run_dir, [s.path for s in batch.skipped])
         captions = [split.classes[int(t)] for t in batch.targets]
         path = save_preview(shown, captions, out or run_dir / "preview.png")

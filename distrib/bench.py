@@ -108,11 +108,15 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
 
 
 def main_bench(args: argparse.Namespace, cfg: Config) -> int:
-    """``launch.py bench launch``: run, print the table, write the run directory."""
+    """``launch.py bench launch|data``: run, print the table, write the run directory."""
     if args.repeats < 1 or args.nproc < 1:
         raise LaunchError("--repeats and --nproc must be at least 1")
     name = cfg.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-bench-{args.what}"
     out = Path(cfg.run.out_dir) / name
+    if args.what == "data":
+        from distrib.bench_data import main_bench_data
+
+        return main_bench_data(args, out)
     with tempfile.TemporaryDirectory() as scratch:
         times = bench_launch(args.nproc, args.repeats, Path(scratch))
     rows = summarise(times, "torchrun_minimal")

@@ -78,6 +78,25 @@ def test_preview_and_organize_commands(tmp_path: Path) -> None:
     assert img.size[0] >= 4 * 192 and "disc" in res.stderr
     arr = np.asarray(img)
     assert arr.std() > 10  # not a blank sheet
+    classes = json.loads((tmp_path / "r" / "p" / "classes.json").read_text())
+    assert classes["classes"] == ["cross", "disc", "square", "triangle"]
+    assert classes["class_to_idx"]["disc"] == 1
+
+
+def test_bench_data_smoke(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
+    res = launch("bench", "data", "--data", str(root), "--repeats", "1", "--size", "64", "--batch", "4",
+                 "--workers", "1", "--set", f"run.out_dir={tmp_path / 'r'}", "--set", "run.name=b", timeout=200)
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "r" / "b" / "bench.json").read_text())
+    assert {r["variant"] for r in data["summary"]} == {"a_recipe", "b_ours", "c_floor", "naive_stats_s",
+                                                       "exact_stats_s"}
+    assert set(data["meta"]["ratios"]) == {"ours_vs_recipe", "ours_vs_floor", "stats_speedup"}
+    assert all(r["median"] > 0 for r in data["summary"])
 
 
 def test_data_commands_bad_input(tmp_path: Path) -> None:

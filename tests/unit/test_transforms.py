@@ -69,6 +69,17 @@ def test_normalizer_matches_the_float_recipe_and_round_trips() -> None:
     assert torch.equal(norm.denormalize(got), x)
 
 
+def test_normalizer_reuse_writes_into_one_buffer() -> None:
+    norm = Normalizer((0.5,) * 3, (0.25,) * 3, "cpu", reuse=True)
+    a = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    b = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    out_a = norm(a)
+    expected_b = Normalizer((0.5,) * 3, (0.25,) * 3, "cpu")(b)
+    out_b = norm(b)
+    assert out_b.data_ptr() == out_a.data_ptr() and torch.allclose(out_b, expected_b)
+    assert norm(a[:1]).shape == (1, 3, 4, 4)  # another shape gets its own buffer
+
+
 def test_transforms_from_config_keep_uint8() -> None:
     cfg = load_config(None, ["data.resize=[20, 16]", "data.crop=[8, 8]", "data.rotation=10",
                              "data.vflip=0.5"])
