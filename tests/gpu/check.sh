@@ -14,9 +14,20 @@ $PY launch.py env | tee "$OUT/env.txt"
 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 gpu_rc=${PIPESTATUS[0]}
 $PY launch.py bench launch --repeats 5 --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_launch.txt"
+# data pipeline on the GPU: MVTec-like 1024 px PNGs (BENCH_DATA=an ImageFolder to reuse one)
+MAKE=${MAKE_IMAGEFOLDER:-../shared/bench/make_imagefolder.py}
+if [ -z "${BENCH_DATA:-}" ] && [ -f "$MAKE" ]; then
+  $PY "$MAKE" "$OUT/mvtec" --classes 8 --per-class 12 --size 1024 --imagefolder >/dev/null && BENCH_DATA="$OUT/mvtec/imagefolder"
+fi
+if [ -n "${BENCH_DATA:-}" ]; then
+  $PY launch.py bench data --data "$BENCH_DATA" --repeats 3 --workers 2 --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_data.txt"
+else
+  echo "no make_imagefolder.py and no BENCH_DATA: data benchmark skipped" | tee "$OUT/bench_data.txt"
+fi
 echo
 echo "== GPU check summary =="
 printf '%-28s %s\n' "card" "$($PY -c 'import pynvml as n; n.nvmlInit(); h=n.nvmlDeviceGetHandleByIndex(0); print(n.nvmlDeviceGetName(h), "x", n.nvmlDeviceGetCount(), "driver", n.nvmlSystemGetDriverVersion())' 2>&1)"
 printf '%-28s %s\n' "gpu tests" "$(tail -n 1 "$OUT/pytest.log")"
 printf '%-28s %s\n' "bench launch (gloo start-up)" "$(grep 'median ratio' "$OUT/bench_launch.txt" | cut -c1-80)"
+printf '%-28s %s\n' "bench data (ratios)" "$(grep -E 'ours_vs_recipe|skipped' "$OUT/bench_data.txt" | tail -n 1)"
 exit "$gpu_rc"
