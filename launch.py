@@ -56,7 +56,7 @@ from distrib.spawn import SpawnPlan, spawn, strip_launcher_flags
 log = logging.getLogger("launch")
 Job = Callable[..., int]
 
-COMMANDS = ("train", "organize", "stats", "preview", "env", "config", "bench")
+COMMANDS = ("train", "eval", "check", "organize", "stats", "preview", "env", "config", "bench")
 WORKER_VARS = ("RANK", "WORLD_SIZE")
 SCRIPT = str(Path(__file__).resolve())
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.add_parser("train", parents=[common, launcher], help="train (default command)")
+    sub.add_parser("check", parents=[common, launcher],
+                   help="all-reduce on every rank and report what each rank sees")
     env = sub.add_parser("env", parents=[common], help="versions, GPU map, NVML, ports, /dev/shm")
     env.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("config", parents=[common], help="print the resolved config as TOML")
@@ -245,6 +247,10 @@ def job_for(args: argparse.Namespace) -> Job:
         from datasets.commands import preview_job
 
         return functools.partial(preview_job, out=args.out)
+    if args.command == "check":
+        from distrib.check import check_job
+
+        return check_job
     from distrib.train import train_job
 
     return train_job

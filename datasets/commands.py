@@ -75,25 +75,31 @@ def normalization(
     return stats.mean, stats.std
 
 
-def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *,
-                out: str | None) -> int:
-    """One augmented training batch, normalised on the device and back, as a captioned grid."""
-    split = build_split(ctx, cfg)
-    mean, std = normalization(ctx, cfg, split)
+def write_preview(ctx: DistContext, cfg: Config, split: DataSplit, mean: Sequence[float],
+                  std: Sequence[float], path: str | Path) -> Path | None:
+    """Grid of one augmented batch of this rank's shard, normalised on the device and back."""
     loader = build_loader(split.train, train_transform(cfg.data), ctx, seed=cfg.run.seed,
-                          batch_size=min(cfg.data.batch_size, 16), num_workers=cfg.data.num_workers,
-                          train=True, sampler=cfg.data.sampler, on_bad_image=cfg.data.on_bad_image,
-                          pad_variable=cfg.data.pad_variable)
+                          batch_size=min(cfg.data.batch_size, 16), num_workers=0, train=True,
+                          on_bad_image="skip", pad_variable=cfg.data.pad_variable)
     batch = next(iter(loader.epoch(0)), None)
     if batch is None or len(batch) == 0:
-        raise LaunchError("the training split yields no batch to preview")
+        log.warning("no batch to preview")
+        return None
     norm = Normalizer(mean, std, ctx.device)
     shown = norm.denormalize(norm(batch.to(ctx.device).images))
+    captions = [split.classes[int(t)] for t in batch.targets]
+    out = save_preview(shown, captions, path)
+    log.info("preview of %d images (%s) written to %s", len(batch), ", ".join(sorted(set(captions))), out)
+    return out
+
+
+def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *,
+                out: str | None) -> int:
+    """One augmented training batch as a captioned grid (rank 0), plus the class map."""
+    split = build_split(ctx, cfg)
+    mean, std = normalization(ctx, cfg, split)
     if ctx.is_main:
         write_class_map(split.classes, run_dir / "classes.json")
-        write_bad_images(run_dir, [s.path for s in batch.skipped])
-        captions = [split.classes[int(t)] for t in batch.targets]
-        path = save_preview(shown, captions, out or run_dir / "preview.png")
-        log.info("preview of %d images (%s) written to %s", len(batch),
-                 ", ".join(sorted(set(captions))), path)
+        if write_preview(ctx, cfg, split, mean, std, out or run_dir / "preview.png") is None:
+            raise LaunchError("the training split yields no batch to preview")
     return 0

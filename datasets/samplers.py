@@ -55,11 +55,21 @@ class TrainSampler(_EpochGuard, DistributedSampler):
     def __init__(self, n: int, ctx: DistContext, seed: int, shuffle: bool = True):
         DistributedSampler.__init__(self, _Len(n), num_replicas=ctx.world_size, rank=ctx.rank,
                                     shuffle=shuffle, seed=seed, drop_last=ctx.world_size > 1)
+        self.start = 0  # resume mid-epoch: skip this many of the epoch's items, once
+
+    def skip_once(self, items: int) -> None:
+        """The next iteration starts ``items`` into the epoch's order (exact mid-epoch resume)."""
+        self.start = items
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
 
     def __iter__(self) -> Iterator[Key]:  # type: ignore[override]
         self._check_epoch()
-        epoch = self.epoch
-        return ((int(i), epoch) for i in DistributedSampler.__iter__(self))
+        epoch, start = self.epoch, self.start
+        self.start = 0
+        keys = list(DistributedSampler.__iter__(self))[start:]
+        return ((int(i), epoch) for i in keys)
 
 
 class ExactEvalSampler(Sampler[Key]):

@@ -1,6 +1,6 @@
 """Benchmarks: each one compares against a baseline measured in the same run.
 
-``bench launch``: wall time from starting ``python launch.py train --nproc-per-node N``
+``bench launch``: wall time from starting ``python launch.py check --nproc-per-node N``
 until every rank has passed its first barrier and exited, against
 ``torchrun --standalone --nproc_per_node N`` running a minimal script that does the
 same (distrib/bench_minimal.py). Runs alternate A/B/B/A so drift (page cache, thermal,
@@ -71,7 +71,7 @@ def bench_launch(nproc: int, repeats: int, scratch: Path) -> dict[str, list[floa
     cmds = {
         "torchrun_minimal": [*torchrun_cmd(), "--standalone", "--nproc_per_node", str(nproc),
                              str(REPO / "distrib" / "bench_minimal.py")],
-        "launch_py": [sys.executable, str(REPO / "launch.py"), "train", "--nproc-per-node", str(nproc),
+        "launch_py": [sys.executable, str(REPO / "launch.py"), "check", "--nproc-per-node", str(nproc),
                       "--set", f"run.out_dir={scratch}"],
     }
     for cmd in cmds.values():

@@ -52,6 +52,11 @@ class RunSection:
     name: str = _f("", "Run directory name under out_dir; empty = a timestamped name.")
     out_dir: str = _f("runs", "Folder that holds run directories (relative to the cwd).")
     seed: int = _f(0, "Base seed; per-rank/worker/epoch seeds are derived from it.")
+    deterministic: bool = _f(
+        False,
+        "Deterministic kernels: cudnn.deterministic, no cudnn.benchmark, "
+        "torch.use_deterministic_algorithms(True), CUBLAS_WORKSPACE_CONFIG.",
+    )
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,9 @@ class DataSection:
     root: str = _f("", "ImageFolder root (one sub-folder per class). Or use csv + images.")
     csv: str = _f("", "Label CSV for a flat image folder (e.g. train_df.csv); needs images.")
     images: str = _f("", "Flat image folder the CSV's file names are relative to.")
+    synthetic: int = _f(
+        0, "If > 0 and data.csv does not exist: write a demo set of this many images per class there."
+    )
     file_col: str = _f("file_name", "CSV column with the image file name (may hold sub-folders).")
     label_col: str = _f("label", "CSV column with the class label.")
     cache_dir: str = _f(
@@ -148,6 +156,79 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class ModelSection:
+    """Which network to train."""
+
+    name: str = _f("small_cnn", "small_cnn, or a torchvision.models name (resnet18, resnet50, ...).")
+    weights: str = _f("", "Pretrained weights from a local file (nothing is downloaded); empty = none.")
+    batchnorm: bool = _f(True, "small_cnn only: BatchNorm after each conv (false = norm-free).")
+    width: int = _f(32, "small_cnn only: channels of the first conv (doubles per stage).")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = _f("sgd", "sgd or adamw.", choices=("sgd", "adamw"))
+    lr: float = _f(0.1, "Peak learning rate (after warm-up), for the global batch.")
+    momentum: float = _f(0.9, "SGD momentum.")
+    weight_decay: float = _f(5e-4, "Weight decay.")
+    schedule: str = _f("cosine", "cosine, step or constant (after warm-up).",
+                       choices=("cosine", "step", "constant"))
+    warmup_epochs: float = _f(0.0, "Linear warm-up length in epochs (fractions allowed).")
+    step_epochs: int = _f(30, "step schedule: epochs between decays.")
+    gamma: float = _f(0.1, "step schedule: decay factor.")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.warmup_epochs < 0 or self.step_epochs < 1:
+            raise ValueError("optim.lr must be > 0, optim.warmup_epochs >= 0, optim.step_epochs >= 1")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """The epoch loop."""
+
+    epochs: int = _f(10, "Epochs to train.")
+    max_steps: int = _f(0, "Stop after this many optimizer steps in total (0 = no limit).")
+    label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.")
+    grad_clip: float = _f(0.0, "Clip the global gradient norm to this (0 = off).")
+    accum_steps: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.")
+    amp: str = _f("off", "Mixed precision on CUDA: off, bf16 or fp16 (with GradScaler).",
+                  choices=("off", "bf16", "fp16"))
+    log_every: int = _f(20, "Progress line (rank 0) and steps.csv row every N optimizer steps.")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.max_steps < 0 or self.accum_steps < 1 or self.log_every < 1:
+            raise ValueError("train.epochs/max_steps >= 0, train.accum_steps/log_every >= 1")
+        if not 0 <= self.label_smoothing < 1 or self.grad_clip < 0:
+            raise ValueError("train.label_smoothing in [0, 1), train.grad_clip >= 0")
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    """How the model is replicated."""
+
+    mode: str = _f("auto", "auto (ddp when world size > 1, else none), none, dp, ddp.",
+                   choices=("auto", "none", "dp", "ddp"))
+    sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under ddp.")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """When and where rank 0 saves, and how to resume."""
+
+    every_epoch: bool = _f(True, "Save at the end of every epoch.")
+    every_steps: int = _f(0, "Also save every N optimizer steps (0 = off).")
+    keep_last: int = _f(2, "How many recent checkpoints to keep (best.pt is kept as well).")
+    dir: str = _f("", "Checkpoint folder; empty = <run dir>/checkpoints.")
+    resume: str = _f("", "'' (fresh), 'auto' (newest checkpoint of this run name) or a path.")
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1 or self.every_steps < 0:
+            raise ValueError("checkpoint.keep_last >= 1 and checkpoint.every_steps >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration: one frozen value passed explicitly."""
 
@@ -155,6 +236,11 @@ class Config:
     launch: LaunchSection = field(default_factory=LaunchSection)
     dist: DistSection = field(default_factory=DistSection)
     data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
 
 # --------------------------------------------------------------------------- checking

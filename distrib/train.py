@@ -1,71 +1,512 @@
-"""The ``train`` job.
+"""The training engine: the epoch loop, exact metrics, checkpoints, exact resume.
 
-At this stage it is the spine's proof job: every rank all-reduces ``rank + 1`` and checks
-the sum, each rank writes what it saw (ranks, CUDA variables) to
-``runs/<name>/ranks/rank<N>.json``, and rank 0 writes ``summary.json``. The real
-training loop replaces it (see DESIGN.md); the worker code path around it stays.
+One loop serves one process, DataParallel and DDP. What makes runs trustworthy:
+  - data order and augmentation depend only on (seed, epoch, index) (datasets/), so a
+    resumed run, a rerun, and a run at another world size see the same samples;
+  - every metric is a sum of counts reduced across ranks, so 2 ranks report exactly what
+    1 rank would;
+  - non-finite losses or gradients stop every rank at the same step (the flag is
+    all-reduced), naming the step, the rank and the learning rate;
+  - checkpoints hold everything a bit-identical continuation needs (distrib/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
+from datasets.build import DataSplit, build_split
+from datasets.commands import normalization, write_bad_images, write_preview
+from datasets.folder import write_class_map
+from datasets.loader import ImageLoader, build_loader
+from datasets.synthetic import write_synthetic
+from datasets.transforms import Normalizer, eval_transform, train_transform
+from distrib import checkpoint as ck
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.devices import AppliedEnv
 from distrib.errors import LaunchError
-from distrib.process_group import all_reduce_sum, gather_objects
+from distrib.models import build_model
+from distrib.parallel import resolve_mode, unwrap, wrap
+from distrib.process_group import all_reduce_sum, barrier, broadcast_object, gather_objects
+from distrib.seeding import derive_seed, seed_process
 
 log = logging.getLogger(__name__)
+INIT = 5  # seed purpose: model initialisation (same on every rank)
+CKPT_FORMAT = 1
 
 
-def rank_report(ctx: DistContext, applied: AppliedEnv, total: float) -> dict[str, object]:
-    """What this rank saw: its place in the job and the CUDA variables as CUDA reads them."""
+# --------------------------------------------------------------------------- set-up
+
+
+def set_determinism(cfg: Config) -> None:
+    """Seed this process and choose deterministic or fast kernels (run.deterministic)."""
+    seed_process(derive_seed(cfg.run.seed, INIT))
+    det = cfg.run.deterministic
+    torch.backends.cudnn.deterministic = det
+    torch.backends.cudnn.benchmark = not det
+    torch.use_deterministic_algorithms(det)
+
+
+def prepare_split(ctx: DistContext, cfg: Config) -> DataSplit:
+    """Write the demo data if configured and absent (once per node), then split."""
+    data = cfg.data
+    if data.synthetic and data.csv and not Path(data.csv).exists():
+        if ctx.local_rank == 0:
+            log.info("writing the demo dataset (%d images per class) to %s", data.synthetic,
+                     Path(data.csv).parent)
+            write_synthetic(Path(data.csv).parent, per_class=data.synthetic, csv_name=Path(data.csv).name)
+        barrier(ctx)
+    return build_split(ctx, cfg)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, step_every: int, gamma: float) -> float:
+    """Multiplier of optim.lr at optimizer step ``step`` (pure: the schedule is a formula)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return gamma ** ((step - warmup) // max(step_every, 1))
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Engine:
+    """Everything the loop touches, built once."""
+
+    model: nn.Module  # wrapped
+    bare: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    normalizer: Normalizer
+    criterion: nn.Module
+    train: ImageLoader
+    val: ImageLoader
+    mode: str
+    batches_per_epoch: int
+    amp_dtype: torch.dtype | None
+
+
+def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, std: tuple) -> Engine:
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    common = dict(seed=cfg.run.seed, batch_size=d.batch_size, num_workers=d.num_workers,
+                  on_bad_image=d.on_bad_image, pad_variable=d.pad_variable)
+    train = build_loader(split.train, train_transform(d), ctx, train=True, sampler=d.sampler, **common)
+    val = build_loader(split.val, eval_transform(d), ctx, train=False, **common)
+    check_batch_fits(ctx, cfg, len(train.sampler), len(split.train))
+    bare = build_model(cfg.model, len(split.classes)).to(ctx.device)
+    if d.channels_last:
+        bare = bare.to(memory_format=torch.channels_last)
+    mode = resolve_mode(cfg.parallel.mode, ctx)
+    model = wrap(bare, ctx, mode, cfg.parallel.sync_bn)
+    bare = unwrap(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
+                                                     weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    batches = len(train)
+    steps_per_epoch = math.ceil(batches / t.accum_steps)
+    total = max(1, steps_per_epoch * t.epochs)
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, warmup, o.schedule, o.step_epochs * steps_per_epoch, o.gamma))
+    cuda = ctx.device.startswith("cuda")
+    if t.amp != "off" and not cuda:
+        log.warning("train.amp = %r needs CUDA; training in float32 on the CPU", t.amp)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if cuda else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    norm = Normalizer(mean, std, ctx.device, channels_last=d.channels_last, reuse=True)
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    return Engine(model, bare, opt, sched, scaler, norm, criterion, train, val, mode, batches, amp_dtype)
+
+
+def check_batch_fits(ctx: DistContext, cfg: Config, shard: int, total: int) -> None:
+    if shard < cfg.data.batch_size:
+        raise LaunchError(
+            f"data.batch_size {cfg.data.batch_size} is larger than this rank's shard of {shard} "
+            f"training images ({total} images over {ctx.world_size} rank(s)); lower data.batch_size "
+            "(it is per rank) or use fewer processes")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Progress:
+    """The loop's position and history; saved in checkpoints, so resume is exact."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    global_step: int = 0  # optimizer steps
+    best_acc: float = -1.0
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
+    epoch_seconds: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_images: float = 0.0
+
+
+def checkpoint_state(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress,
+                     classes: tuple[str, ...]) -> dict[str, Any] | None:
+    """Collect every rank's RNG state; returns the checkpoint dict on rank 0 (None elsewhere)."""
+    rngs = gather_objects(ctx, ck.rng_state())
+    if not ctx.is_main:
+        return None
     return {
-        "rank": ctx.rank,
-        "local_rank": ctx.local_rank,
+        "format": CKPT_FORMAT,
+        "model": eng.bare.state_dict(),
+        "model_name": cfg.model.name,
+        "classes": list(classes),
+        "optimizer": eng.optimizer.state_dict(),
+        "scheduler": eng.scheduler.state_dict(),
+        "scaler": eng.scaler.state_dict() if eng.scaler else None,
+        "progress": asdict(prog),
+        "rng": rngs,
         "world_size": ctx.world_size,
-        "local_world_size": ctx.local_world_size,
-        "node_rank": ctx.node_rank,
-        "backend": ctx.backend,
-        "device": ctx.device,
-        "launcher": ctx.launcher,
-        "pid": os.getpid(),
-        "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")},
-        "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "cuda_env_applied_before_torch_import": not applied.torch_loaded_before,
-        "all_reduce": total,
+        "config": json.dumps(asdict(cfg)),
     }
 
 
-def train_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv) -> int:
-    """Spine check: all-reduce, per-rank report, summary on rank 0."""
+def save(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, mgr: ck.CheckpointManager,
+         classes: tuple[str, ...], best: bool) -> None:
+    state = checkpoint_state(ctx, cfg, eng, prog, classes)
+    if state is not None:
+        path = mgr.save(state, prog.global_step, best)
+        log.info("checkpoint %s%s", path, " (best)" if best else "")
+    barrier(ctx)
+
+
+def resume_path(cfg: Config, folder: Path) -> Path | None:
+    r = cfg.checkpoint.resume
+    if not r:
+        return None
+    if r == "auto":
+        found = ck.latest(folder)
+        if found is None:
+            log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", folder)
+        return found
+    return Path(r)
+
+
+def resume(ctx: DistContext, cfg: Config, eng: Engine, path: Path, classes: tuple[str, ...]) -> Progress:
+    """Load a checkpoint into the engine and return where to continue."""
+    state = ck.load_checkpoint(path)
+    ck.check_compatible(state, cfg.model.name, classes, path)
+    eng.bare.load_state_dict(state["model"])
+    eng.optimizer.load_state_dict(state["optimizer"])
+    eng.scheduler.load_state_dict(state["scheduler"])
+    if eng.scaler and state.get("scaler"):
+        eng.scaler.load_state_dict(state["scaler"])
+    prog = Progress(**state["progress"])
+    rngs = state["rng"]
+    if len(rngs) == ctx.world_size:
+        ck.set_rng_state(rngs[ctx.rank])
+    else:
+        log.warning("checkpoint from %d rank(s), resuming on %d: RNG streams restart", len(rngs),
+                    ctx.world_size)
+    log.info("resumed from %s at epoch %d, batch %d, step %d", path, prog.epoch, prog.batch_in_epoch,
+             prog.global_step)
+    return prog
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _autocast(eng: Engine, device: str) -> contextlib.AbstractContextManager:
+    if eng.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=eng.amp_dtype)
+
+
+def _no_sync(eng: Engine, sync: bool) -> contextlib.AbstractContextManager:
+    if eng.mode == "ddp" and not sync:
+        return eng.model.no_sync()  # type: ignore[operator]
+    return contextlib.nullcontext()
+
+
+def optimizer_step(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, bad_loss: torch.Tensor) -> None:
+    """Unscale, check for non-finite values on every rank at once, clip, step."""
+    if eng.scaler:
+        eng.scaler.unscale_(eng.optimizer)
+    grads = [p.grad for p in eng.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=ctx.device)
+    flags = torch.stack([bad_loss.float(), (~torch.isfinite(norm)).float() * (eng.scaler is None)])
+    all_reduce_sum(ctx, flags)
+    if flags.sum().item() > 0:
+        raise_non_finite(ctx, prog, eng, bool(bad_loss.item()))
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, cfg.train.grad_clip, norm)
+    if eng.scaler:
+        eng.scaler.step(eng.optimizer)
+        eng.scaler.update()
+    else:
+        eng.optimizer.step()
+    eng.optimizer.zero_grad(set_to_none=True)
+    eng.scheduler.step()
+    prog.global_step += 1
+
+
+def raise_non_finite(ctx: DistContext, prog: Progress, eng: Engine, local: bool) -> None:
+    lr = eng.optimizer.param_groups[0]["lr"]
+    where = "this rank's loss" if local else "the gradients (another rank's loss)"
+    raise LaunchError(
+        f"non-finite value in {where} at epoch {prog.epoch} step {prog.global_step + 1} on rank "
+        f"{ctx.rank} (learning rate {lr:.4g}); lower optim.lr, set train.grad_clip, check the data "
+        "(mean/std) or use train.amp = 'bf16' instead of 'fp16'")
+
+
+class StepLog:
+    """Rank 0's progress line and steps.csv, every ``train.log_every`` optimizer steps."""
+
+    def __init__(self, ctx: DistContext, cfg: Config, run_dir: Path, eng: Engine, total_steps: int):
+        self.ctx, self.every, self.total = ctx, cfg.train.log_every, total_steps
+        self.epochs = cfg.train.epochs
+        self.window = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss*n, n
+        self.t0 = self.tw = time.perf_counter()
+        self.start_step: int | None = None
+        self.path = run_dir / "steps.csv"
+        self.eng = eng
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.window[0] += loss.detach().double() * n
+        self.window[1] += n
+
+    def step(self, prog: Progress) -> None:
+        if self.start_step is None:
+            self.start_step = prog.global_step - 1
+        if prog.global_step % self.every:
+            return
+        w = all_reduce_sum(self.ctx, self.window.clone()).tolist()
+        self.window.zero_()
+        now = time.perf_counter()
+        rate = w[1] / max(now - self.tw, 1e-9)
+        self.tw = now
+        done = prog.global_step - self.start_step
+        eta = (now - self.t0) / max(done, 1) * max(self.total - prog.global_step, 0)
+        lr = self.eng.optimizer.param_groups[0]["lr"]
+        loss = w[0] / max(w[1], 1)
+        if self.ctx.is_main:
+            log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g %.0f img/s ETA %s", prog.epoch + 1,
+                     self.epochs, prog.global_step, self.total, loss, lr, rate,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+            new = not self.path.exists()
+            with self.path.open("a", newline="") as fh:
+                wr = csv.writer(fh)
+                if new:
+                    wr.writerow(["step", "epoch", "loss", "lr", "images_per_s"])
+                wr.writerow([prog.global_step, prog.epoch, f"{loss:.8f}", f"{lr:.8g}", f"{rate:.1f}"])
+
+
+def micro_batches(eng: Engine, prog: Progress, accum: int, bad: list) -> Iterator[tuple[bool, Any]]:
+    """(is this the last micro-batch of an optimizer step, batch), resuming mid-epoch exactly."""
+    if prog.batch_in_epoch:
+        eng.train.sampler.skip_once(prog.batch_in_epoch * eng.train.loader.batch_size)  # type: ignore
+    for batch in eng.train.epoch(prog.epoch):
+        bad.extend(s.path for s in batch.skipped)
+        i = prog.batch_in_epoch
+        yield (i + 1) % accum == 0 or i + 1 == eng.batches_per_epoch, batch
+
+
+def train_epoch(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, steps: StepLog,
+                mgr: ck.CheckpointManager, classes: tuple[str, ...], bad: list) -> bool:
+    """One (possibly resumed) epoch; False when train.max_steps stopped it midway."""
+    eng.model.train()
+    sums = torch.tensor(prog.epoch_sums, dtype=torch.float64, device=ctx.device)
+    bad_loss = torch.zeros((), dtype=torch.bool, device=ctx.device)
     start = time.perf_counter()
-    value = torch.tensor([float(ctx.rank + 1)], device=ctx.device)
-    total = float(all_reduce_sum(ctx, value).item())
-    expected = ctx.world_size * (ctx.world_size + 1) / 2
-    if total != expected:
-        raise LaunchError(f"all-reduce returned {total}, expected {expected}: the backend is broken")
-    report = rank_report(ctx, applied, total)
-    (run_dir / "ranks").mkdir(exist_ok=True)
-    (run_dir / "ranks" / f"rank{ctx.rank}.json").write_text(json.dumps(report, indent=2))
-    reports = gather_objects(ctx, report)
+    for sync, batch in micro_batches(eng, prog, cfg.train.accum_steps, bad):
+        if len(batch) == 0:
+            continue
+        b = batch.to(ctx.device)
+        x = eng.normalizer(b.images)
+        with _no_sync(eng, sync), _autocast(eng, ctx.device):
+            logits = eng.model(x)
+            loss = eng.criterion(logits.float(), b.targets)
+        bad_loss |= ~torch.isfinite(loss.detach())
+        scaled = loss / cfg.train.accum_steps
+        (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
+        n = len(b)
+        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == b.targets).sum().double(),
+                             torch.tensor(float(n), dtype=torch.float64, device=ctx.device)])
+        steps.add(loss, n)
+        prog.batch_in_epoch += 1
+        if not sync:
+            continue
+        optimizer_step(ctx, cfg, eng, prog, bad_loss)
+        bad_loss.zero_()
+        steps.step(prog)
+        every = cfg.checkpoint.every_steps
+        if every and prog.global_step % every == 0 and prog.batch_in_epoch < eng.batches_per_epoch:
+            prog.epoch_sums = sums.tolist()
+            prog.epoch_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            save(ctx, cfg, eng, prog, mgr, classes, best=False)
+        if cfg.train.max_steps and prog.global_step >= cfg.train.max_steps:
+            break
+    prog.epoch_seconds += time.perf_counter() - start
+    prog.epoch_sums = sums.tolist()
+    return prog.batch_in_epoch >= eng.batches_per_epoch
+
+
+@torch.no_grad()
+def evaluate(ctx: DistContext, eng: Engine, num_classes: int) -> dict[str, Any]:
+    """Exact validation: sums over unpadded shards, reduced across ranks."""
+    eng.model.eval()
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=ctx.device)
+    for batch in eng.val.epoch(0):
+        if len(batch) == 0:
+            continue
+        b = batch.to(ctx.device)
+        with _autocast(eng, ctx.device):
+            logits = eng.model(eng.normalizer(b.images)).float()
+        hit = logits.argmax(1) == b.targets
+        totals += torch.stack([ce(logits, b.targets).double(), hit.sum().double(),
+                               torch.tensor(float(len(b)), dtype=torch.float64, device=ctx.device)])
+        per_class[0] += torch.bincount(b.targets[hit], minlength=num_classes).double()
+        per_class[1] += torch.bincount(b.targets, minlength=num_classes).double()
+    all_reduce_sum(ctx, totals)
+    all_reduce_sum(ctx, per_class)
+    loss, correct, n = totals.tolist()
+    acc = (per_class[0] / per_class[1].clamp(min=1)).tolist()
+    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1), "images": int(n), "per_class": acc}
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    cols = ["epoch", "split", "loss", "acc", "images", "seconds", "images_per_s", "lr"]
+    tmp = run_dir / "metrics.csv.tmp"
+    with tmp.open("w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+    tmp.replace(run_dir / "metrics.csv")
+
+
+def end_of_epoch(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, classes: tuple[str, ...]) -> dict:
+    """Reduce the epoch's training sums, validate, append the two metrics rows."""
+    sums = all_reduce_sum(ctx, torch.tensor(prog.epoch_sums, dtype=torch.float64, device=ctx.device))
+    loss_n, correct, n = sums.tolist()
+    secs = all_reduce_sum(ctx, torch.tensor([prog.epoch_seconds], dtype=torch.float64)).item() / ctx.world_size
+    val = evaluate(ctx, eng, len(classes))
+    lr = eng.optimizer.param_groups[0]["lr"]
+    prog.train_seconds += secs
+    prog.train_images += n
+    prog.rows.append({"epoch": prog.epoch, "split": "train", "loss": loss_n / max(n, 1), "acc": correct / max(n, 1),
+                      "images": int(n), "seconds": secs, "images_per_s": n / max(secs, 1e-9), "lr": lr})
+    prog.rows.append({"epoch": prog.epoch, "split": "val", "loss": val["loss"], "acc": val["acc"],
+                      "images": val["images"], "seconds": "", "images_per_s": "", "lr": lr,
+                      "per_class": val["per_class"]})
+    log.info("epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s", prog.epoch + 1,
+             cfg.train.epochs, loss_n / max(n, 1), correct / max(n, 1), val["loss"], val["acc"],
+             n / max(secs, 1e-9))
+    return val
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def checkpoint_folder(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+
+
+def preflight(ctx: DistContext, mgr: ck.CheckpointManager) -> None:
+    """Rank 0 checks the checkpoint folder; every rank learns the verdict (no one hangs)."""
+    err = None
     if ctx.is_main:
-        summary = {
-            "world_size": ctx.world_size,
-            "all_reduce": total,
-            "expected": expected,
-            "seconds": time.perf_counter() - start,
-            "ranks": reports,
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("world_size=%d all_reduce(rank+1)=%g (expected %g); run dir %s",
-                 ctx.world_size, total, expected, run_dir)
+        try:
+            mgr.check_writable()
+        except LaunchError as e:
+            err = str(e)
+    err = broadcast_object(ctx, err)
+    if err:
+        raise LaunchError(err)
+
+
+def train_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv) -> int:
+    """``launch.py train``: the whole run, rank 0 writing the run directory."""
+    set_determinism(cfg)
+    split = prepare_split(ctx, cfg)
+    mean, std = normalization(ctx, cfg, split)
+    classes = split.classes
+    eng = build_engine(ctx, cfg, split, mean, std)
+    mgr = ck.CheckpointManager(checkpoint_folder(cfg, run_dir), cfg.checkpoint.keep_last)
+    preflight(ctx, mgr)
+    path = resume_path(cfg, mgr.folder)
+    prog = resume(ctx, cfg, eng, path, classes) if path else Progress()
+    if ctx.is_main:
+        write_class_map(classes, run_dir / "classes.json")
+        if not path:
+            write_preview(ctx, cfg, split, mean, std, run_dir / "preview.png")
+    log.info("training %s (%s) on %d image(s), validating on %d; %d class(es); %d batch(es)/epoch",
+             cfg.model.name, eng.mode, len(split.train), len(split.val), len(classes), eng.batches_per_epoch)
+    total_steps = math.ceil(eng.batches_per_epoch / cfg.train.accum_steps) * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    steps = StepLog(ctx, cfg, run_dir, eng, total_steps)
+    bad: list[str] = []
+    val: dict[str, Any] = {}
+    while prog.epoch < cfg.train.epochs:
+        if not train_epoch(ctx, cfg, eng, prog, steps, mgr, classes, bad):
+            save(ctx, cfg, eng, prog, mgr, classes, best=False)  # stopped by max_steps mid-epoch
+            break
+        val = end_of_epoch(ctx, cfg, eng, prog, classes)
+        best = val["acc"] > prog.best_acc
+        prog.best_acc = max(prog.best_acc, val["acc"])
+        prog.epoch += 1
+        prog.batch_in_epoch, prog.epoch_sums, prog.epoch_seconds = 0, [0.0, 0.0, 0.0], 0.0
+        if ctx.is_main:
+            write_metrics(run_dir, prog.rows)
+        if cfg.checkpoint.every_epoch or prog.epoch == cfg.train.epochs:
+            save(ctx, cfg, eng, prog, mgr, classes, best)
+        if cfg.train.max_steps and prog.global_step >= cfg.train.max_steps:
+            break
+    finish(ctx, cfg, run_dir, prog, val, classes, bad, eng)
     return 0
+
+
+def finish(ctx: DistContext, cfg: Config, run_dir: Path, prog: Progress, val: dict, classes: tuple[str, ...],
+           bad: list[str], eng: Engine) -> None:
+    """summary.json (rank 0) with the final figures; bad images listed."""
+    every_bad = sorted({p for part in gather_objects(ctx, bad) for p in part})
+    if not ctx.is_main:
+        return
+    write_bad_images(run_dir, every_bad)
+    last_val = next((r for r in reversed(prog.rows) if r["split"] == "val"), None)
+    last_train = next((r for r in reversed(prog.rows) if r["split"] == "train"), None)
+    summary = {
+        "val_acc": last_val["acc"] if last_val else None,
+        "val_loss": last_val["loss"] if last_val else None,
+        "val_per_class_acc": dict(zip(classes, last_val["per_class"], strict=True)) if last_val else None,
+        "best_val_acc": prog.best_acc if prog.best_acc >= 0 else None,
+        "train_loss": last_train["loss"] if last_train else None,
+        "train_acc": last_train["acc"] if last_train else None,
+        "epochs": prog.epoch,
+        "global_step": prog.global_step,
+        "world_size": ctx.world_size,
+        "parallel_mode": eng.mode,
+        "device": ctx.device,
+        "images_per_s": prog.train_images / prog.train_seconds if prog.train_seconds else None,
+        "seconds": prog.train_seconds,
+        "skipped_images": len(every_bad),
+        "pid": os.getpid(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("done: val_acc %s after %d epoch(s); %s", summary["val_acc"], prog.epoch, run_dir)

@@ -32,7 +32,7 @@ def assert_world(reports: list[dict], world: int) -> None:
 
 
 def test_torchrun_two_ranks(tmp_path: Path) -> None:
-    res = run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", LAUNCH, "train",
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", LAUNCH, "check",
                "--set", f"run.out_dir={tmp_path}"])
     assert res.returncode == 0, res.stderr
     reports = rank_reports(tmp_path)
@@ -42,7 +42,7 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
 
 
 def test_self_launch_two_ranks_through_the_elastic_agent(tmp_path: Path) -> None:
-    res = launch("train", "--nproc-per-node", "2", "--set", f"run.out_dir={tmp_path}",
+    res = launch("check", "--nproc-per-node", "2", "--set", f"run.out_dir={tmp_path}",
                  "--log-ranks", "all")
     assert res.returncode == 0, res.stderr
     assert_world(rank_reports(tmp_path), 2)
@@ -52,13 +52,13 @@ def test_self_launch_two_ranks_through_the_elastic_agent(tmp_path: Path) -> None
 
 
 def test_rank0_only_logging_by_default(tmp_path: Path) -> None:
-    res = launch("train", "--nproc_per_node", "2", "--set", f"run.out_dir={tmp_path}")
+    res = launch("check", "--nproc_per_node", "2", "--set", f"run.out_dir={tmp_path}")
     assert res.returncode == 0, res.stderr
     assert "[rank 0]" in res.stderr and "[rank 1]" not in res.stderr
 
 
 def test_single_process_has_no_process_group(tmp_path: Path) -> None:
-    res = launch("train", "--set", f"run.out_dir={tmp_path}")
+    res = launch("check", "--set", f"run.out_dir={tmp_path}")
     assert res.returncode == 0, res.stderr
     (report,) = rank_reports(tmp_path)
     assert report["launcher"] == "single" and report["world_size"] == 1
@@ -72,7 +72,7 @@ def test_two_nodes_on_one_machine_form_one_world_of_four(tmp_path: Path) -> None
               "--local-addr", "127.0.0.1"]
     procs = []
     for node in (0, 1):
-        cmd = [*common, "--node-rank", str(node), LAUNCH, "train",
+        cmd = [*common, "--node-rank", str(node), LAUNCH, "check",
                "--set", f"run.out_dir={tmp_path}", "--set", "run.name=two-nodes"]
         procs.append(subprocess.Popen(cmd, env=clean_env(), cwd=REPO, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -95,7 +95,7 @@ def test_gpus_reach_every_worker_and_precede_the_torch_import(tmp_path: Path) ->
     env = clean_env(PYTHONPATH=f"{FAKE_NVML}:{PROBE}", FAKE_NVML_GPUS="2",
                     TORCH_IMPORT_PROBE=str(probe), CUDA_VISIBLE_DEVICES="0")
     out = tmp_path / "runs"
-    res = launch("train", "--nproc-per-node", "2", "--gpus", "1,0", "--set", f"run.out_dir={out}",
+    res = launch("check", "--nproc-per-node", "2", "--gpus", "1,0", "--set", f"run.out_dir={out}",
                  env=env)
     assert res.returncode == 0, res.stderr
     assert "--gpus 1,0 overrides CUDA_VISIBLE_DEVICES=0" in res.stderr
@@ -126,7 +126,7 @@ def test_failed_worker_is_named_and_the_launcher_fails(tmp_path: Path) -> None:
     # the fake NVML makes the launcher believe in 2 GPUs; the workers' torch sees none,
     # so forcing nccl fails inside the workers, after spawning
     env = clean_env(PYTHONPATH=FAKE_NVML, FAKE_NVML_GPUS="2")
-    res = launch("train", "--nproc-per-node", "2", "--set", "dist.backend=nccl",
+    res = launch("check", "--nproc-per-node", "2", "--set", "dist.backend=nccl",
                  "--set", f"run.out_dir={tmp_path}", env=env)
     assert res.returncode != 0
     assert "worker rank" in res.stderr and "failed with exit code 2" in res.stderr
@@ -138,7 +138,7 @@ def test_process_group_timeout_is_a_clear_error(tmp_path: Path) -> None:
     env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     start = time.monotonic()
-    res = launch("train", "--set", "dist.timeout_s=3", "--set", f"run.out_dir={tmp_path}", env=env)
+    res = launch("check", "--set", "dist.timeout_s=3", "--set", f"run.out_dir={tmp_path}", env=env)
     assert res.returncode == 2
     assert time.monotonic() - start < 60
     assert f"127.0.0.1:{port}" in res.stderr and "dist.timeout_s=3s" in res.stderr
@@ -184,7 +184,7 @@ def _no_workers(res: subprocess.CompletedProcess[str], out: Path) -> None:
 )
 def test_bad_input_exits_2_before_any_worker(args: list[str], needle: str, tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    res = launch("train", "--nproc-per-node", "2", "--set", f"run.out_dir={out}", *args)
+    res = launch("check", "--nproc-per-node", "2", "--set", f"run.out_dir={out}", *args)
     _no_workers(res, out)
     assert needle in res.stderr
 
@@ -199,7 +199,7 @@ def test_bad_input_exits_2_before_any_worker(args: list[str], needle: str, tmp_p
 def test_bad_gpu_requests_with_fake_gpus(nproc: str, gpus: str, needle: str, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     env = clean_env(PYTHONPATH=FAKE_NVML, FAKE_NVML_GPUS="2")
-    res = launch("train", "--nproc-per-node", nproc, "--gpus", gpus, "--set", f"run.out_dir={out}",
+    res = launch("check", "--nproc-per-node", nproc, "--gpus", gpus, "--set", f"run.out_dir={out}",
                  env=env)
     _no_workers(res, out)
     assert needle in res.stderr
@@ -211,7 +211,7 @@ def test_master_port_in_use(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        res = launch("train", "--nproc-per-node", "2", "--master-port", str(port),
+        res = launch("check", "--nproc-per-node", "2", "--master-port", str(port),
                      "--set", f"run.out_dir={out}")
     _no_workers(res, out)
     assert f"--master-port {port} is already in use" in res.stderr
@@ -220,7 +220,7 @@ def test_master_port_in_use(tmp_path: Path) -> None:
 def test_unwritable_run_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    res = launch("train", "--set", f"run.out_dir={blocker}")
+    res = launch("check", "--set", f"run.out_dir={blocker}")
     assert res.returncode == 2 and "cannot write the run directory" in res.stderr
     assert blocker.read_text() == "not a folder"
 
@@ -272,7 +272,7 @@ def test_slurm_tasks_form_one_world(tmp_path: Path) -> None:
                         SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="2", SLURM_JOB_ID="42",
                         SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(
-            [sys.executable, LAUNCH, "train", "--set", f"run.out_dir={tmp_path}",
+            [sys.executable, LAUNCH, "check", "--set", f"run.out_dir={tmp_path}",
              "--set", "run.name=slurm", "--set", "dist.timeout_s=60"],
             env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True))
@@ -290,7 +290,7 @@ def test_slurm_tasks_form_one_world(tmp_path: Path) -> None:
 
 def test_static_master_port_spawn(tmp_path: Path) -> None:
     port = free_port()
-    res = launch("train", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+    res = launch("check", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                  "--master-port", str(port), "--set", f"run.out_dir={tmp_path}")
     assert res.returncode == 0, res.stderr
     assert_world(rank_reports(tmp_path), 2)

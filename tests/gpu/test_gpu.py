@@ -34,7 +34,7 @@ def test_env_reads_real_nvml_without_a_cuda_context() -> None:
 def test_single_gpu_run_binds_cuda0_with_nccl(tmp_path: Path) -> None:
     probe = tmp_path / "probe.jsonl"
     env = clean_env(PYTHONPATH=PROBE, TORCH_IMPORT_PROBE=str(probe))
-    res = launch("train", "--gpus", "0", "--set", f"run.out_dir={tmp_path / 'runs'}", env=env)
+    res = launch("check", "--gpus", "0", "--set", f"run.out_dir={tmp_path / 'runs'}", env=env)
     assert res.returncode == 0, res.stderr
     (r,) = rank_reports(tmp_path / "runs")
     assert r["device"] == "cuda:0" and r["backend"] == "nccl"
@@ -46,7 +46,7 @@ def test_single_gpu_run_binds_cuda0_with_nccl(tmp_path: Path) -> None:
 def test_torchrun_one_rank_per_gpu_on_nccl(tmp_path: Path) -> None:
     n = torch.cuda.device_count()
     res = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(n), LAUNCH, "train", "--set", f"run.out_dir={tmp_path}"])
+               str(n), LAUNCH, "check", "--set", f"run.out_dir={tmp_path}"])
     assert res.returncode == 0, res.stderr
     reports = rank_reports(tmp_path)
     assert [r["device"] for r in reports] == [f"cuda:{i}" for i in range(n)]
@@ -61,11 +61,11 @@ def test_collectives_on_cuda_alone() -> None:
 
 def test_gpu_id_beyond_real_gpus_is_refused(tmp_path: Path) -> None:
     bad = str(torch.cuda.device_count())
-    res = launch("train", "--gpus", bad, "--set", f"run.out_dir={tmp_path}")
+    res = launch("check", "--gpus", bad, "--set", f"run.out_dir={tmp_path}")
     assert res.returncode == 2 and f"GPU id {bad} does not exist" in res.stderr
 
 
 def test_more_processes_than_gpus_is_refused_before_spawning(tmp_path: Path) -> None:
     n = torch.cuda.device_count()
-    res = launch("train", "--nproc-per-node", str(n + 1), "--set", f"run.out_dir={tmp_path}")
+    res = launch("check", "--nproc-per-node", str(n + 1), "--set", f"run.out_dir={tmp_path}")
     assert res.returncode == 2 and "nccl needs one GPU per process" in res.stderr
