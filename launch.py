@@ -68,9 +68,7 @@ def _nproc(text: str) -> str:
     if text in ("gpu", "cpu", "auto"):
         return text
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive integer or gpu, cpu, auto; got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"must be a positive integer or gpu, cpu, auto; got {text!r}")
     return text
 
 
@@ -102,14 +100,25 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kw: object) -> None:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _flag(common, "config", metavar="FILE", help="TOML config (default: configs/default.toml)")
-    _flag(common, "set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-          help="override one config value; repeatable")
+    _flag(
+        common,
+        "set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
     _flag(common, "gpus", metavar="LIST", help="physical GPU ids in nvidia-smi order, e.g. 0,2")
     _flag(common, "log-ranks", metavar="0|all|LIST", help="ranks whose INFO logs are shown")
 
     launcher = argparse.ArgumentParser(add_help=False)
-    _flag(launcher, "nproc-per-node", type=_nproc, metavar="N|gpu|cpu|auto",
-          help="start N workers per node through torch's elastic agent")
+    _flag(
+        launcher,
+        "nproc-per-node",
+        type=_nproc,
+        metavar="N|gpu|cpu|auto",
+        help="start N workers per node through torch's elastic agent",
+    )
     _flag(launcher, "nnodes", type=_nnodes, default="1", metavar="N[:M]")
     _flag(launcher, "node-rank", type=_nonneg, default=0, metavar="K")
     _flag(launcher, "master-addr", metavar="HOST")
@@ -119,13 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(launcher, "max-restarts", type=_nonneg, default=0, metavar="K")
 
     parser = argparse.ArgumentParser(
-        prog="launch.py", description=(__doc__ or "").split("\n")[0],
+        prog="launch.py",
+        description=(__doc__ or "").split("\n")[0],
         epilog="Without a command, 'train' runs.",
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.add_parser("train", parents=[common, launcher], help="train (default command)")
-    sub.add_parser("check", parents=[common, launcher],
-                   help="all-reduce on every rank and report what each rank sees")
+    sub.add_parser(
+        "check", parents=[common, launcher], help="all-reduce on every rank and report what each rank sees"
+    )
     env = sub.add_parser("env", parents=[common], help="versions, GPU map, NVML, ports, /dev/shm")
     env.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("config", parents=[common], help="print the resolved config as TOML")
@@ -135,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     org.add_argument("--out", required=True, help="ImageFolder root to fill (one folder per class)")
     _flag(org, "file-col", default="file_name", help="CSV column with file names")
     _flag(org, "label-col", default="label", help="CSV column with labels")
-    org.add_argument("--mode", default="link", choices=["link", "copy", "symlink", "move"],
-                     help="link (hard link, a copy across file systems), copy, symlink, move")
+    org.add_argument(
+        "--mode",
+        default="link",
+        choices=["link", "copy", "symlink", "move"],
+        help="link (hard link, a copy across file systems), copy, symlink, move",
+    )
     _flag(org, "dry-run", action="store_true", help="report what would happen, change nothing")
     _flag(org, "allow-missing", action="store_true", help="organise even if some files are missing")
     stats = sub.add_parser("stats", parents=[common, launcher], help="exact per-channel mean/std")
@@ -146,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     prev = sub.add_parser("preview", parents=[common], help="PNG grid of one augmented batch")
     prev.add_argument("--out", help="PNG path (default: runs/<name>/preview.png)")
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
-    bench.add_argument("what", choices=["launch", "data"],
-                       help="launch: start-up vs torchrun; data: loader and stats throughput")
+    bench.add_argument(
+        "what",
+        choices=["launch", "data"],
+        help="launch: start-up vs torchrun; data: loader and stats throughput",
+    )
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--nproc", type=int, default=2, help="launch: processes")
     bench.add_argument("--data", help="data: an ImageFolder root (e.g. from make_imagefolder.py)")
@@ -215,8 +233,16 @@ def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inv
             f"({'--gpus ' + ','.join(map(str, plan.gpus)) if plan.gpus else inv.describe()}); "
             "nccl needs one GPU per process. Lower --nproc-per-node or list more --gpus."
         )
-    return SpawnPlan(n, args.nnodes, args.node_rank, args.master_addr, args.master_port,
-                     args.rdzv_endpoint, args.rdzv_id, args.max_restarts)
+    return SpawnPlan(
+        n,
+        args.nnodes,
+        args.node_rank,
+        args.master_addr,
+        args.master_port,
+        args.rdzv_endpoint,
+        args.rdzv_id,
+        args.max_restarts,
+    )
 
 
 def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
@@ -260,8 +286,16 @@ def run_organize(args: argparse.Namespace) -> int:
     """``organize``: no torch, no workers; the class table goes to stdout."""
     from datasets.organize import class_table, organize
 
-    plan = organize(args.csv, args.images, args.out, file_col=args.file_col, label_col=args.label_col,
-                    mode=args.mode, dry_run=args.dry_run, allow_missing=args.allow_missing)
+    plan = organize(
+        args.csv,
+        args.images,
+        args.out,
+        file_col=args.file_col,
+        label_col=args.label_col,
+        mode=args.mode,
+        dry_run=args.dry_run,
+        allow_missing=args.allow_missing,
+    )
     sys.stdout.write(class_table(plan) + "\n")
     return 0
 

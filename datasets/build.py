@@ -46,8 +46,10 @@ def data_root(ctx: DistContext, data: DataSection) -> Path:
         return organized_root(ctx, data)
     if data.csv or data.images:
         raise LaunchError("data.csv and data.images go together: set both (or data.root)")
-    raise LaunchError("no data configured: set data.root to an ImageFolder, or data.csv + data.images "
-                      "for a flat folder with a label CSV (--set data.root=/path)")
+    raise LaunchError(
+        "no data configured: set data.root to an ImageFolder, or data.csv + data.images "
+        "for a flat folder with a label CSV (--set data.root=/path)"
+    )
 
 
 def build_split(ctx: DistContext, cfg: Config) -> DataSplit:
@@ -56,8 +58,9 @@ def build_split(ctx: DistContext, cfg: Config) -> DataSplit:
     root = data_root(ctx, data)
     full = scan_imagefolder(root)
     if len(full.classes) < 2:
-        raise LaunchError(f"{root} has a single class ({full.classes[0]!r}); a classifier needs "
-                          "at least two class folders")
+        raise LaunchError(
+            f"{root} has a single class ({full.classes[0]!r}); a classifier needs at least two class folders"
+        )
     if data.val_root:
         val = scan_imagefolder(data.val_root)
         check_same_classes(full, val, data.val_root)

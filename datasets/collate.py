@@ -33,15 +33,25 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) in its pinning thread."""
-        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.indices.pin_memory(),
-                     None if self.mask is None else self.mask.pin_memory(), self.skipped)
+        return Batch(
+            self.images.pin_memory(),
+            self.targets.pin_memory(),
+            self.indices.pin_memory(),
+            None if self.mask is None else self.mask.pin_memory(),
+            self.skipped,
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
-        return Batch(move(self.images), move(self.targets), move(self.indices),
-                     None if self.mask is None else move(self.mask), self.skipped)
+        return Batch(
+            move(self.images),
+            move(self.targets),
+            move(self.indices),
+            None if self.mask is None else move(self.mask),
+            self.skipped,
+        )
 
 
 def _pad(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +82,9 @@ def collate_uint8(items: list[tuple[torch.Tensor, int, int] | Skipped], pad: boo
         return Batch(default_collate(images), targets, indices, None, skipped)
     if not pad:
         shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4])
-        raise LaunchError(f"images in one batch have different sizes ({shown}): set data.resize = "
-                          "[H, W] to resize them, or data.pad_variable = true to pad with a mask")
+        raise LaunchError(
+            f"images in one batch have different sizes ({shown}): set data.resize = "
+            "[H, W] to resize them, or data.pad_variable = true to pad with a mask"
+        )
     stacked, mask = _pad(images)
     return Batch(stacked, targets, indices, mask, skipped)

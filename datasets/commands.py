@@ -38,18 +38,32 @@ def image_paths(folder: str | Path) -> list[str]:
     return flat
 
 
-def stats_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *,
-              data_dir: str, resize: Sequence[int] | None, as_json: bool) -> int:
+def stats_job(
+    ctx: DistContext,
+    cfg: Config,
+    run_dir: Path,
+    applied: AppliedEnv,
+    *,
+    data_dir: str,
+    resize: Sequence[int] | None,
+    as_json: bool,
+) -> int:
     """Exact mean/std of ``data_dir``; rank 0 prints it and writes stats.json."""
     paths = image_paths(data_dir)
-    stats = compute_stats(paths, ctx, resize=resize, num_workers=cfg.data.num_workers,
-                          skip_bad=cfg.data.on_bad_image == "skip")
+    stats = compute_stats(
+        paths, ctx, resize=resize, num_workers=cfg.data.num_workers, skip_bad=cfg.data.on_bad_image == "skip"
+    )
     if ctx.is_main:
-        result = {"mean": list(stats.mean), "std": list(stats.std), "images": stats.images,
-                  "pixels": stats.pixels}
+        result = {
+            "mean": list(stats.mean),
+            "std": list(stats.std),
+            "images": stats.images,
+            "pixels": stats.pixels,
+        }
         write_bad_images(run_dir, stats.skipped)
-        (run_dir / "stats.json").write_text(json.dumps({**asdict(stats), "data": str(data_dir),
-                                                        "resize": list(resize or [])}, indent=2))
+        (run_dir / "stats.json").write_text(
+            json.dumps({**asdict(stats), "data": str(data_dir), "resize": list(resize or [])}, indent=2)
+        )
         sys.stdout.write((json.dumps(result) if as_json else format_stats(stats)) + "\n")
         sys.stdout.flush()
     return 0
@@ -59,8 +73,9 @@ def write_bad_images(run_dir: Path, paths: Sequence[str]) -> None:
     """bad_images.txt in the run directory: the files data.on_bad_image = 'skip' left out."""
     if paths:
         (run_dir / "bad_images.txt").write_text("".join(f"{p}\n" for p in sorted(set(paths))))
-        log.warning("%d undecodable image(s) skipped; list in %s", len(set(paths)),
-                    run_dir / "bad_images.txt")
+        log.warning(
+            "%d undecodable image(s) skipped; list in %s", len(set(paths)), run_dir / "bad_images.txt"
+        )
 
 
 def normalization(
@@ -70,17 +85,37 @@ def normalization(
     data = cfg.data
     if not isinstance(data.mean, str) and not isinstance(data.std, str):
         return tuple(data.mean), tuple(data.std)
-    stats = cached_stats(split.train, ctx, resize=data.resize, cache_dir=data.stats_cache,
-                         num_workers=data.num_workers, skip_bad=data.on_bad_image == "skip")
+    stats = cached_stats(
+        split.train,
+        ctx,
+        resize=data.resize,
+        cache_dir=data.stats_cache,
+        num_workers=data.num_workers,
+        skip_bad=data.on_bad_image == "skip",
+    )
     return stats.mean, stats.std
 
 
-def write_preview(ctx: DistContext, cfg: Config, split: DataSplit, mean: Sequence[float],
-                  std: Sequence[float], path: str | Path) -> Path | None:
+def write_preview(
+    ctx: DistContext,
+    cfg: Config,
+    split: DataSplit,
+    mean: Sequence[float],
+    std: Sequence[float],
+    path: str | Path,
+) -> Path | None:
     """Grid of one augmented batch of this rank's shard, normalised on the device and back."""
-    loader = build_loader(split.train, train_transform(cfg.data), ctx, seed=cfg.run.seed,
-                          batch_size=min(cfg.data.batch_size, 16), num_workers=0, train=True,
-                          on_bad_image="skip", pad_variable=cfg.data.pad_variable)
+    loader = build_loader(
+        split.train,
+        train_transform(cfg.data),
+        ctx,
+        seed=cfg.run.seed,
+        batch_size=min(cfg.data.batch_size, 16),
+        num_workers=0,
+        train=True,
+        on_bad_image="skip",
+        pad_variable=cfg.data.pad_variable,
+    )
     batch = next(iter(loader.epoch(0)), None)
     if batch is None or len(batch) == 0:
         log.warning("no batch to preview")
@@ -93,8 +128,7 @@ def write_preview(ctx: DistContext, cfg: Config, split: DataSplit, mean: Sequenc
     return out
 
 
-def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *,
-                out: str | None) -> int:
+def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *, out: str | None) -> int:
     """One augmented training batch as a captioned grid (rank 0), plus the class map."""
     split = build_split(ctx, cfg)
     mean, std = normalization(ctx, cfg, split)

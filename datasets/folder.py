@@ -71,10 +71,17 @@ def scan_imagefolder(root: str | Path) -> Samples:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         loose = [f for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS)]
-        hint = (f" It holds {len(loose)} images directly: for a flat folder with a label CSV use "
-                "`launch.py organize` or data.csv + data.images.") if loose else ""
-        raise LaunchError(f"{root} has no class folders; an ImageFolder root holds one folder per "
-                          f"class.{hint}")
+        hint = (
+            (
+                f" It holds {len(loose)} images directly: for a flat folder with a label CSV use "
+                "`launch.py organize` or data.csv + data.images."
+            )
+            if loose
+            else ""
+        )
+        raise LaunchError(
+            f"{root} has no class folders; an ImageFolder root holds one folder per class.{hint}"
+        )
     paths: list[str] = []
     targets: list[int] = []
     empty, unsupported = [], []
@@ -92,14 +99,17 @@ def scan_imagefolder(root: str | Path) -> Samples:
 def _raise_scan_errors(root: Path, empty: list[str], unsupported: list[str]) -> None:
     problems = []
     if empty:
-        problems.append(f"{len(empty)} class folder(s) hold no images: {', '.join(empty[:_SHOW])} "
-                        "(remove them, or add images)")
+        problems.append(
+            f"{len(empty)} class folder(s) hold no images: {', '.join(empty[:_SHOW])} "
+            "(remove them, or add images)"
+        )
     if unsupported:
         exts = sorted({Path(p).suffix.lower() or "(none)" for p in unsupported})
         problems.append(
             f"{len(unsupported)} file(s) with unsupported extensions {', '.join(exts)}, e.g. "
             f"{', '.join(unsupported[:3])}; supported: {', '.join(IMG_EXTENSIONS)} "
-            "(convert or move them out)")
+            "(convert or move them out)"
+        )
     if problems:
         raise LaunchError(f"{root} is not a usable ImageFolder:\n  - " + "\n  - ".join(problems))
 
@@ -129,8 +139,11 @@ def dataset_key(*parts: object) -> str:
 
 def write_class_map(classes: tuple[str, ...], path: Path) -> None:
     """classes.json: {"classes": [...], "class_to_idx": {...}} (what checkpoints refer to)."""
-    path.write_text(json.dumps(
-        {"classes": list(classes), "class_to_idx": {c: i for i, c in enumerate(classes)}}, indent=2))
+    path.write_text(
+        json.dumps(
+            {"classes": list(classes), "class_to_idx": {c: i for i, c in enumerate(classes)}}, indent=2
+        )
+    )
 
 
 def check_same_classes(train: Samples, val: Samples, val_root: str) -> None:
@@ -140,4 +153,5 @@ def check_same_classes(train: Samples, val: Samples, val_root: str) -> None:
         raise LaunchError(
             f"data.val_root {val_root} has other classes than the training data "
             f"(only in training: {only_t[:_SHOW]}, only in validation: {only_v[:_SHOW]}); "
-            "both need the same class folders")
+            "both need the same class folders"
+        )

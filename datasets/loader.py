@@ -37,8 +37,13 @@ class ImageDataset(Dataset):
     worker's (or, with num_workers=0, the training process's) random state.
     """
 
-    def __init__(self, samples: Samples, transform: Callable[[torch.Tensor], torch.Tensor],
-                 seed: int, on_bad_image: str = "error"):
+    def __init__(
+        self,
+        samples: Samples,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        seed: int,
+        on_bad_image: str = "error",
+    ):
         self.samples = samples
         self.transform = transform
         self.seed = seed
@@ -55,9 +60,11 @@ class ImageDataset(Dataset):
         except BadImageError as e:
             if self.on_bad_image == "skip":
                 return Skipped(path, str(e))
-            raise LaunchError(f"{e}. Replace or remove the file, or set data.on_bad_image = "
-                              "'skip' to leave such files out (they are listed in the run "
-                              "directory).") from None
+            raise LaunchError(
+                f"{e}. Replace or remove the file, or set data.on_bad_image = "
+                "'skip' to leave such files out (they are listed in the run "
+                "directory)."
+            ) from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             image = self.transform(image)
@@ -108,8 +115,9 @@ def _unwrap_worker_errors(it: Iterator[Batch]) -> Iterator[Batch]:
         yield batch
 
 
-def make_sampler(samples: Samples, ctx: DistContext, seed: int, train: bool,
-                 kind: str = "distributed") -> Sampler:
+def make_sampler(
+    samples: Samples, ctx: DistContext, seed: int, train: bool, kind: str = "distributed"
+) -> Sampler:
     if not train:
         return ExactEvalSampler(len(samples), ctx)
     if kind == "balanced":
@@ -117,10 +125,20 @@ def make_sampler(samples: Samples, ctx: DistContext, seed: int, train: bool,
     return TrainSampler(len(samples), ctx, seed)
 
 
-def build_loader(samples: Samples, transform: Callable[[torch.Tensor], torch.Tensor],
-                 ctx: DistContext, *, seed: int, batch_size: int, num_workers: int,
-                 train: bool, sampler: str = "distributed", on_bad_image: str = "error",
-                 pad_variable: bool = False, **loader_kw: Any) -> ImageLoader:
+def build_loader(
+    samples: Samples,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    ctx: DistContext,
+    *,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    train: bool,
+    sampler: str = "distributed",
+    on_bad_image: str = "error",
+    pad_variable: bool = False,
+    **loader_kw: Any,
+) -> ImageLoader:
     """A seeded, sharded DataLoader of uint8 batches for this rank."""
     dataset = ImageDataset(samples, transform, seed, on_bad_image)
     smp = make_sampler(samples, ctx, seed, train, sampler)

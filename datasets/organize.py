@@ -97,7 +97,7 @@ def safe_relative(name: str) -> str:
 
 def bad_label(label: str) -> bool:
     """Labels that cannot be a folder name."""
-    return label in ("", ".", "..") or any(c in label for c in '/\\\0') or label != label.strip()
+    return label in ("", ".", "..") or any(c in label for c in "/\\\0") or label != label.strip()
 
 
 # --------------------------------------------------------------------------- planning
@@ -125,8 +125,9 @@ def _check_rows(rows: list[tuple[str, str]]) -> tuple[dict[str, str], int]:
         labels[rel] = label
     if errors:
         more = f" (and {len(errors) - _SHOW} more)" if len(errors) > _SHOW else ""
-        raise LaunchError("the label CSV has problems; nothing was changed:\n  - "
-                          + "\n  - ".join(errors[:_SHOW]) + more)
+        raise LaunchError(
+            "the label CSV has problems; nothing was changed:\n  - " + "\n  - ".join(errors[:_SHOW]) + more
+        )
     return labels, duplicates
 
 
@@ -158,11 +159,15 @@ def plan_organize(rows: list[tuple[str, str]], images: Path, out: Path) -> Organ
             plan.missing.append(rel)
     _check_collisions(plan, conflicts)
     listed = set(labels)
-    plan.extra = sorted(
-        str(p.relative_to(images)).replace(os.sep, "/")
-        for p in images.rglob("*")
-        if p.is_file() and str(p.relative_to(images)).replace(os.sep, "/") not in listed
-    ) if images.is_dir() else []
+    plan.extra = (
+        sorted(
+            str(p.relative_to(images)).replace(os.sep, "/")
+            for p in images.rglob("*")
+            if p.is_file() and str(p.relative_to(images)).replace(os.sep, "/") not in listed
+        )
+        if images.is_dir()
+        else []
+    )
     return plan
 
 
@@ -174,9 +179,11 @@ def _check_collisions(plan: OrganizePlan, conflicts: list[str]) -> None:
             conflicts.append(f"{seen[p.dst]!r} and {p.rel!r} would both become {p.dst}")
         seen[p.dst] = p.rel
     if conflicts:
-        raise LaunchError("refusing to overwrite; nothing was changed:\n  - "
-                          + "\n  - ".join(conflicts[:_SHOW])
-                          + (f"\n  (and {len(conflicts) - _SHOW} more)" if len(conflicts) > _SHOW else ""))
+        raise LaunchError(
+            "refusing to overwrite; nothing was changed:\n  - "
+            + "\n  - ".join(conflicts[:_SHOW])
+            + (f"\n  (and {len(conflicts) - _SHOW} more)" if len(conflicts) > _SHOW else "")
+        )
 
 
 # --------------------------------------------------------------------------- doing
@@ -241,8 +248,7 @@ def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
 def write_manifest(plan: OrganizePlan, out: Path) -> Path:
     import pandas as pd
 
-    rows = [{"file_name": p.rel, "label": p.label, "path": str(p.dst.relative_to(out))}
-            for p in plan.all]
+    rows = [{"file_name": p.rel, "label": p.label, "path": str(p.dst.relative_to(out))} for p in plan.all]
     path = out / MANIFEST
     pd.DataFrame(rows, columns=["file_name", "label", "path"]).to_csv(path, index=False)
     return path
@@ -259,15 +265,26 @@ def class_table(plan: OrganizePlan) -> str:
 
 def _report(plan: OrganizePlan) -> None:
     if plan.extra:
-        log.warning("%d file(s) in the images folder are not in the CSV (left alone), e.g. %s",
-                    len(plan.extra), ", ".join(plan.extra[:_SHOW]))
+        log.warning(
+            "%d file(s) in the images folder are not in the CSV (left alone), e.g. %s",
+            len(plan.extra),
+            ", ".join(plan.extra[:_SHOW]),
+        )
     if plan.duplicates:
         log.warning("%d CSV row(s) repeat a file with the same label (used once)", plan.duplicates)
 
 
-def organize(csv: str | Path, images: str | Path, out: str | Path, *, file_col: str = "file_name",
-             label_col: str = "label", mode: str = "link", dry_run: bool = False,
-             allow_missing: bool = False) -> OrganizePlan:
+def organize(
+    csv: str | Path,
+    images: str | Path,
+    out: str | Path,
+    *,
+    file_col: str = "file_name",
+    label_col: str = "label",
+    mode: str = "link",
+    dry_run: bool = False,
+    allow_missing: bool = False,
+) -> OrganizePlan:
     """Plan, check, then place every file; returns the plan (for reports and tests)."""
     if mode not in MODES:
         raise LaunchError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -285,19 +302,29 @@ def organize(csv: str | Path, images: str | Path, out: str | Path, *, file_col: 
         )
     _report(plan)
     if dry_run:
-        log.info("dry run: would place %d file(s) (%s), %d already in place, %d missing",
-                 len(plan.todo), mode, len(plan.done), len(plan.missing))
+        log.info(
+            "dry run: would place %d file(s) (%s), %d already in place, %d missing",
+            len(plan.todo),
+            mode,
+            len(plan.done),
+            len(plan.missing),
+        )
         return plan
     try:
         out.mkdir(parents=True, exist_ok=True)
         counts = execute(plan, mode)
         write_manifest(plan, out)
     except OSError as e:
-        raise LaunchError(f"cannot write to {e.filename or out}: {e.strerror}; "
-                          "choose a writable --out") from e
+        raise LaunchError(
+            f"cannot write to {e.filename or out}: {e.strerror}; choose a writable --out"
+        ) from e
     if plan.todo or counts:
-        log.info("placed %d file(s): %s; %d already in place", len(plan.todo),
-                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none", len(plan.done))
+        log.info(
+            "placed %d file(s): %s; %d already in place",
+            len(plan.todo),
+            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none",
+            len(plan.done),
+        )
     else:
         log.info("nothing to do: all %d file(s) already in place in %s", len(plan.done), out)
     return plan

@@ -22,8 +22,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def preview_grid(images: torch.Tensor, captions: Sequence[str], tile: int = 192,
-                 cols: int | None = None) -> Image.Image:
+def preview_grid(
+    images: torch.Tensor, captions: Sequence[str], tile: int = 192, cols: int | None = None
+) -> Image.Image:
     """(B, 3, H, W) uint8 -> one image: tiles of ``tile`` px with a caption bar each."""
     n = len(images)
     cols = cols or min(n, max(1, math.ceil(math.sqrt(n))))

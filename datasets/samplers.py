@@ -53,8 +53,15 @@ class TrainSampler(_EpochGuard, DistributedSampler):
     """
 
     def __init__(self, n: int, ctx: DistContext, seed: int, shuffle: bool = True):
-        DistributedSampler.__init__(self, _Len(n), num_replicas=ctx.world_size, rank=ctx.rank,
-                                    shuffle=shuffle, seed=seed, drop_last=ctx.world_size > 1)
+        DistributedSampler.__init__(
+            self,
+            _Len(n),
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=ctx.world_size > 1,
+        )
         self.start = 0  # resume mid-epoch: skip this many of the epoch's items, once
 
     def skip_once(self, items: int) -> None:

@@ -85,12 +85,19 @@ def _first(items: list) -> object:
     return items[0]
 
 
-def compute_stats(paths: Sequence[str], ctx: DistContext, *, resize: Sequence[int] | None = None,
-                  num_workers: int = 2, skip_bad: bool = False) -> Stats:
+def compute_stats(
+    paths: Sequence[str],
+    ctx: DistContext,
+    *,
+    resize: Sequence[int] | None = None,
+    num_workers: int = 2,
+    skip_bad: bool = False,
+) -> Stats:
     """Exact stats over ``paths``, sharded r::W across ranks and summed (identity alone)."""
     shard = list(paths[ctx.rank :: ctx.world_size])
-    loader = DataLoader(_HistDataset(shard, resize, skip_bad), batch_size=1, num_workers=num_workers,
-                        collate_fn=_first)
+    loader = DataLoader(
+        _HistDataset(shard, resize, skip_bad), batch_size=1, num_workers=num_workers, collate_fn=_first
+    )
     total = torch.zeros(3, 256, dtype=torch.int64)
     naive = torch.zeros(4, dtype=torch.float64)  # sum of per-image std (3) and image count
     skipped: list[str] = []
@@ -108,8 +115,14 @@ def compute_stats(paths: Sequence[str], ctx: DistContext, *, resize: Sequence[in
         raise LaunchError("no decodable images to compute statistics from")
     mean, std = moments(total)
     every_skipped = [p for part in gather_objects(ctx, skipped) for p in part]
-    return Stats(tuple(mean.tolist()), tuple(std.tolist()), images, int(total[0].sum()),
-                 tuple((naive[:3] / images).tolist()), tuple(sorted(every_skipped)))
+    return Stats(
+        tuple(mean.tolist()),
+        tuple(std.tolist()),
+        images,
+        int(total[0].sum()),
+        tuple((naive[:3] / images).tolist()),
+        tuple(sorted(every_skipped)),
+    )
 
 
 def stats_cache_path(samples: Samples, resize: Sequence[int], cache_dir: str | Path) -> Path:
@@ -118,8 +131,15 @@ def stats_cache_path(samples: Samples, resize: Sequence[int], cache_dir: str | P
     return Path(cache_dir) / f"stats-{key}.json"
 
 
-def cached_stats(samples: Samples, ctx: DistContext, *, resize: Sequence[int], cache_dir: str | Path,
-                 num_workers: int, skip_bad: bool) -> Stats:
+def cached_stats(
+    samples: Samples,
+    ctx: DistContext,
+    *,
+    resize: Sequence[int],
+    cache_dir: str | Path,
+    num_workers: int,
+    skip_bad: bool,
+) -> Stats:
     """``data.mean = 'auto'``: load the dataset's stats, or compute them once and cache."""
     path = stats_cache_path(samples, resize, cache_dir)
     found = broadcast_object(ctx, _load(path) if ctx.is_main else None)
@@ -127,8 +147,9 @@ def cached_stats(samples: Samples, ctx: DistContext, *, resize: Sequence[int], c
         log.info("dataset stats from cache %s", path)
         return found
     log.info("computing exact dataset stats over %d images (cached in %s)", len(samples), path)
-    stats = compute_stats(samples.paths.tolist(), ctx, resize=resize or None,
-                          num_workers=num_workers, skip_bad=skip_bad)
+    stats = compute_stats(
+        samples.paths.tolist(), ctx, resize=resize or None, num_workers=num_workers, skip_bad=skip_bad
+    )
     if ctx.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -140,22 +161,32 @@ def cached_stats(samples: Samples, ctx: DistContext, *, resize: Sequence[int], c
 def _load(path: Path) -> Stats | None:
     try:
         raw = json.loads(path.read_text())
-        return Stats(tuple(raw["mean"]), tuple(raw["std"]), raw["images"], raw["pixels"],
-                     tuple(raw["naive_std"]), tuple(raw.get("skipped", ())))
+        return Stats(
+            tuple(raw["mean"]),
+            tuple(raw["std"]),
+            raw["images"],
+            raw["pixels"],
+            tuple(raw["naive_std"]),
+            tuple(raw.get("skipped", ())),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent or damaged: recompute
 
 
 def format_stats(stats: Stats) -> str:
     """The text report of ``launch.py stats``."""
+
     def fmt(v: Sequence[float]) -> str:
         return "[" + ", ".join(f"{x:.6f}" for x in v) + "]"
 
     err = ", ".join(f"{e:+.1f}%" for e in stats.naive_error_pct())
     skipped = [f"skipped        {len(stats.skipped)} undecodable file(s)"] if stats.skipped else []
-    return "\n".join(skipped + [
-        f"images         {stats.images}  ({stats.pixels} pixels per channel)",
-        f"mean           {fmt(stats.mean)}",
-        f"std            {fmt(stats.std)}",
-        f"mean of per-image std (the common shortcut): {fmt(stats.naive_std)}  error {err}",
-    ])
+    return "\n".join(
+        skipped
+        + [
+            f"images         {stats.images}  ({stats.pixels} pixels per channel)",
+            f"mean           {fmt(stats.mean)}",
+            f"std            {fmt(stats.std)}",
+            f"mean of per-image std (the common shortcut): {fmt(stats.naive_std)}  error {err}",
+        ]
+    )

@@ -39,8 +39,10 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
     else:
         for dx in (-1, 1):
             for dy in (-1, 1):
-                draw.ellipse((cx + dx * r // 2 - w, cy + dy * r // 2 - w,
-                              cx + dx * r // 2 + w, cy + dy * r // 2 + w), fill=colour)
+                draw.ellipse(
+                    (cx + dx * r // 2 - w, cy + dy * r // 2 - w, cx + dx * r // 2 + w, cy + dy * r // 2 + w),
+                    fill=colour,
+                )
 
 
 def make_image(rng: np.random.Generator, shape: str, size: int) -> Image.Image:
@@ -55,8 +57,14 @@ def make_image(rng: np.random.Generator, shape: str, size: int) -> Image.Image:
     return img
 
 
-def write_synthetic(out: str | Path, classes: int = 4, per_class: int = 16, size: int = 32,
-                    seed: int = 0, csv_name: str = "labels.csv") -> Path:
+def write_synthetic(
+    out: str | Path,
+    classes: int = 4,
+    per_class: int = 16,
+    size: int = 32,
+    seed: int = 0,
+    csv_name: str = "labels.csv",
+) -> Path:
     """Write ``out/images/*.png`` and ``out/<csv_name>`` (file_name,label); returns the CSV path."""
     if not 1 <= classes <= len(SHAPES):
         raise ValueError(f"classes must be 1..{len(SHAPES)}, got {classes}")

@@ -22,8 +22,11 @@ from distrib.config import DataSection
 log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency here);
 # they still ship and are the fastest PNG/JPEG path to uint8, so keep them quiet.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
 TV_DECODED = (".png", ".jpg", ".jpeg")  # torchvision.io decoders; others go through PIL
 
 
@@ -100,8 +103,9 @@ def eval_transform(data: DataSection) -> torch.nn.Module:
     if data.resize:
         steps.append(v2.Resize(list(data.resize), antialias=True))
     if data.crop:
-        steps.append(v2.CenterCrop(list(data.crop)) if data.resize
-                     else v2.Resize(list(data.crop), antialias=True))
+        steps.append(
+            v2.CenterCrop(list(data.crop)) if data.resize else v2.Resize(list(data.crop), antialias=True)
+        )
     return _compose(steps)
 
 
@@ -119,12 +123,19 @@ class Normalizer:
     already reuses memory, so there it changes nothing.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 reuse: bool = False):
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        reuse: bool = False,
+    ):
         self.mean = torch.tensor([m * 255 for m in mean], device=device, dtype=dtype).view(1, -1, 1, 1)
-        self.inv_std = torch.tensor([1 / (s * 255) for s in std], device=device,
-                                    dtype=dtype).view(1, -1, 1, 1)
+        self.inv_std = torch.tensor([1 / (s * 255) for s in std], device=device, dtype=dtype).view(
+            1, -1, 1, 1
+        )
         self.dtype = dtype
         self.channels_last = channels_last
         self.reuse = reuse
@@ -136,8 +147,7 @@ class Normalizer:
             return x.to(dtype=self.dtype, memory_format=fmt)
         buf = self._buffer
         if buf is None or buf.shape != x.shape or buf.device != x.device:
-            buf = self._buffer = torch.empty(x.shape, dtype=self.dtype, device=x.device,
-                                             memory_format=fmt)
+            buf = self._buffer = torch.empty(x.shape, dtype=self.dtype, device=x.device, memory_format=fmt)
         return buf.copy_(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

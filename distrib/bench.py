@@ -69,10 +69,22 @@ def bench_launch(nproc: int, repeats: int, scratch: Path) -> dict[str, list[floa
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # both sides on gloo/CPU: this measures start-up, not GPUs
     cmds = {
-        "torchrun_minimal": [*torchrun_cmd(), "--standalone", "--nproc_per_node", str(nproc),
-                             str(REPO / "distrib" / "bench_minimal.py")],
-        "launch_py": [sys.executable, str(REPO / "launch.py"), "check", "--nproc-per-node", str(nproc),
-                      "--set", f"run.out_dir={scratch}"],
+        "torchrun_minimal": [
+            *torchrun_cmd(),
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            str(REPO / "distrib" / "bench_minimal.py"),
+        ],
+        "launch_py": [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "check",
+            "--nproc-per-node",
+            str(nproc),
+            "--set",
+            f"run.out_dir={scratch}",
+        ],
     }
     for cmd in cmds.values():
         time_command(cmd, env)
@@ -85,8 +97,9 @@ def bench_launch(nproc: int, repeats: int, scratch: Path) -> dict[str, list[floa
     return times
 
 
-def write_results(out: Path, rows: list[dict[str, object]], times: dict[str, list[float]],
-                  meta: dict[str, object]) -> None:
+def write_results(
+    out: Path, rows: list[dict[str, object]], times: dict[str, list[float]], meta: dict[str, object]
+) -> None:
     """bench.csv (every run), bench.json (summary + meta), bench.md (the table)."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "bench.csv").open("w", newline="") as fh:
@@ -102,8 +115,9 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v)
-                                      for v in r.values()) + " |")
+        lines.append(
+            "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -121,11 +135,18 @@ def main_bench(args: argparse.Namespace, cfg: Config) -> int:
         times = bench_launch(args.nproc, args.repeats, Path(scratch))
     rows = summarise(times, "torchrun_minimal")
     ratio = float(rows[-1]["ratio_vs_torchrun_minimal"])  # type: ignore[arg-type]
-    meta = {"what": "launch", "nproc": args.nproc, "repeats": args.repeats,
-            "target_ratio": TARGET_LAUNCH_RATIO, "cpu_count": os.cpu_count()}
+    meta = {
+        "what": "launch",
+        "nproc": args.nproc,
+        "repeats": args.repeats,
+        "target_ratio": TARGET_LAUNCH_RATIO,
+        "cpu_count": os.cpu_count(),
+    }
     write_results(out, rows, times, meta)
     sys.stdout.write(markdown_table(rows) + "\n")
     verdict = "within" if ratio <= TARGET_LAUNCH_RATIO else "ABOVE"
-    sys.stdout.write(f"launch.py / torchrun median ratio {ratio:.3f} ({verdict} target "
-                     f"{TARGET_LAUNCH_RATIO}); results in {out}\n")
+    sys.stdout.write(
+        f"launch.py / torchrun median ratio {ratio:.3f} ({verdict} target "
+        f"{TARGET_LAUNCH_RATIO}); results in {out}\n"
+    )
     return 0

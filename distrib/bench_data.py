@@ -44,10 +44,22 @@ def recipe_batches(root: str, size: int, batch: int, workers: int, device: torch
     from torchvision import datasets as tvd
     from torchvision import transforms as T
 
-    tf = T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-                    T.ToTensor(), T.Normalize(MEAN, STD)])
-    loader = DataLoader(tvd.ImageFolder(root, transform=tf), batch_size=batch, shuffle=True,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+    tf = T.Compose(
+        [
+            T.Resize((size, size)),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+    loader = DataLoader(
+        tvd.ImageFolder(root, transform=tf),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     for x, _ in loader:
         yield x.to(device, non_blocking=True)
 
@@ -55,8 +67,15 @@ def recipe_batches(root: str, size: int, batch: int, workers: int, device: torch
 def ours_batches(root: str, size: int, batch: int, workers: int, device: torch.device) -> Iterable:
     cfg = load_config(None, [f"data.resize=[{size}, {size}]", "data.hflip=0.5", "data.vflip=0.5"])
     ctx = DistContext(device=str(device))
-    loader = build_loader(scan_imagefolder(root), train_transform(cfg.data), ctx, seed=0,
-                          batch_size=batch, num_workers=workers, train=True)
+    loader = build_loader(
+        scan_imagefolder(root),
+        train_transform(cfg.data),
+        ctx,
+        seed=0,
+        batch_size=batch,
+        num_workers=workers,
+        train=True,
+    )
     norm = Normalizer(MEAN, STD, device, reuse=True)  # as the training loop uses it
     for b in loader.epoch(0):
         yield norm(b.images.to(device, non_blocking=True))
@@ -74,8 +93,13 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def floor_batches(root: str, size: int, batch: int, workers: int, device: torch.device) -> Iterable:
-    loader = DataLoader(_Decode(scan_imagefolder(root).paths.tolist()), batch_size=batch,
-                        shuffle=True, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        _Decode(scan_imagefolder(root).paths.tolist()),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     for x in loader:
         yield x.to(device, non_blocking=True)
 
@@ -96,8 +120,7 @@ def naive_stats_seconds(root: str, workers: int) -> float:
     from torchvision import transforms as T
 
     start = time.perf_counter()
-    loader = DataLoader(tvd.ImageFolder(root, transform=T.ToTensor()), batch_size=1,
-                        num_workers=workers)
+    loader = DataLoader(tvd.ImageFolder(root, transform=T.ToTensor()), batch_size=1, num_workers=workers)
     mean = torch.zeros(3)
     std = torch.zeros(3)
     for x, _ in loader:
@@ -126,8 +149,10 @@ def run_rounds(variants: dict[str, Callable[[], float]], repeats: int) -> dict[s
 
 def main_bench_data(args: argparse.Namespace, out: Path) -> int:
     if not args.data:
-        raise LaunchError("bench data needs --data IMAGEFOLDER_ROOT, e.g. from ../shared/bench/"
-                          "make_imagefolder.py OUT --imagefolder (then --data OUT/imagefolder)")
+        raise LaunchError(
+            "bench data needs --data IMAGEFOLDER_ROOT, e.g. from ../shared/bench/"
+            "make_imagefolder.py OUT --imagefolder (then --data OUT/imagefolder)"
+        )
     root, dev = args.data, _device()
     n = len(scan_imagefolder(root))
     cfg = (args.size, args.batch, args.workers, dev)
@@ -137,20 +162,35 @@ def main_bench_data(args: argparse.Namespace, out: Path) -> int:
         "c_floor": lambda: images_per_s(lambda: floor_batches(root, *cfg), dev),
     }
     tput = run_rounds(loaders, args.repeats)
-    stats = run_rounds({"naive_stats_s": lambda: naive_stats_seconds(root, args.workers),
-                        "exact_stats_s": lambda: exact_stats_seconds(root, args.workers)}, args.repeats)
+    stats = run_rounds(
+        {
+            "naive_stats_s": lambda: naive_stats_seconds(root, args.workers),
+            "exact_stats_s": lambda: exact_stats_seconds(root, args.workers),
+        },
+        args.repeats,
+    )
     med = {k: statistics.median(v) for k, v in {**tput, **stats}.items()}
-    rows = [{"variant": k, "runs": len(v), "median": med[k], "min": min(v), "max": max(v)}
-            for k, v in {**tput, **stats}.items()]
+    rows = [
+        {"variant": k, "runs": len(v), "median": med[k], "min": min(v), "max": max(v)}
+        for k, v in {**tput, **stats}.items()
+    ]
     ratios = {
         "ours_vs_recipe": med["b_ours"] / med["a_recipe"],
         "ours_vs_floor": med["b_ours"] / med["c_floor"],
         "stats_speedup": med["naive_stats_s"] / med["exact_stats_s"],
     }
-    meta = {"what": "data", "images": n, "device": str(dev), "workers": args.workers,
-            "batch": args.batch, "size": args.size, "repeats": args.repeats,
-            "cpu_count": os.cpu_count(), "ratios": ratios,
-            "units": "loaders: images/s; stats: seconds"}
+    meta = {
+        "what": "data",
+        "images": n,
+        "device": str(dev),
+        "workers": args.workers,
+        "batch": args.batch,
+        "size": args.size,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "ratios": ratios,
+        "units": "loaders: images/s; stats: seconds",
+    }
     write_results(out, rows, {**tput, **stats}, meta)
     sys.stdout.write(markdown_table(rows) + "\n" + json.dumps(ratios) + f"\nresults in {out}\n")
     return 0

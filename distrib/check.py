@@ -66,6 +66,11 @@ def check_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv)
             "ranks": reports,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("world_size=%d all_reduce(rank+1)=%g (expected %g); run dir %s",
-                 ctx.world_size, total, expected, run_dir)
+        log.info(
+            "world_size=%d all_reduce(rank+1)=%g (expected %g); run dir %s",
+            ctx.world_size,
+            total,
+            expected,
+            run_dir,
+        )
     return 0

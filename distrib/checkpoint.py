@@ -32,8 +32,12 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": [version, list(internal), gauss],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -44,8 +48,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -78,8 +83,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise LaunchError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}); "
-                          "resume from another one (see its folder) or start fresh") from e
+        raise LaunchError(
+            f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}); "
+            "resume from another one (see its folder) or start fresh"
+        ) from e
     except Exception as e:  # weights_only refuses arbitrary pickles: not one of ours
         raise LaunchError(f"checkpoint {path} is not a launch.py checkpoint ({e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "format" not in ckpt:
@@ -91,12 +98,16 @@ def check_compatible(ckpt: dict[str, Any], model_name: str, classes: tuple[str, 
     """Resuming another model or class set is an error that names both."""
     theirs = (ckpt.get("model_name"), tuple(ckpt.get("classes", ())))
     if theirs[0] != model_name:
-        raise LaunchError(f"checkpoint {path} holds model {theirs[0]!r}, this run builds {model_name!r}; "
-                          "resume with the same model.name or start fresh")
+        raise LaunchError(
+            f"checkpoint {path} holds model {theirs[0]!r}, this run builds {model_name!r}; "
+            "resume with the same model.name or start fresh"
+        )
     if theirs[1] != tuple(classes):
-        raise LaunchError(f"checkpoint {path} was trained on {len(theirs[1])} classes "
-                          f"({', '.join(theirs[1][:5])}...), this data has {len(classes)} "
-                          f"({', '.join(classes[:5])}...); use the same data or start fresh")
+        raise LaunchError(
+            f"checkpoint {path} was trained on {len(theirs[1])} classes "
+            f"({', '.join(theirs[1][:5])}...), this data has {len(classes)} "
+            f"({', '.join(classes[:5])}...); use the same data or start fresh"
+        )
 
 
 def numbered(folder: Path) -> list[Path]:
@@ -128,8 +139,10 @@ class CheckpointManager:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
-            raise LaunchError(f"checkpoint folder {self.folder} is not writable ({e.strerror}); "
-                              "set checkpoint.dir or run.out_dir to a writable place") from e
+            raise LaunchError(
+                f"checkpoint folder {self.folder} is not writable ({e.strerror}); "
+                "set checkpoint.dir or run.out_dir to a writable place"
+            ) from e
 
     def save(self, state: dict[str, Any], step: int, best: bool) -> Path:
         path = self.folder / f"ckpt-{step:08d}.pt"

@@ -80,9 +80,7 @@ class DistSection:
         "Collective backend: auto = nccl when CUDA is usable, else gloo.",
         choices=("auto", "nccl", "gloo"),
     )
-    timeout_s: float = _f(
-        600.0, "Seconds a rank waits for the others (init, barriers, collectives)."
-    )
+    timeout_s: float = _f(600.0, "Seconds a rank waits for the others (init, barriers, collectives).")
 
 
 @dataclass(frozen=True)
@@ -173,8 +171,9 @@ class OptimSection:
     lr: float = _f(0.1, "Peak learning rate (after warm-up), for the global batch.")
     momentum: float = _f(0.9, "SGD momentum.")
     weight_decay: float = _f(5e-4, "Weight decay.")
-    schedule: str = _f("cosine", "cosine, step or constant (after warm-up).",
-                       choices=("cosine", "step", "constant"))
+    schedule: str = _f(
+        "cosine", "cosine, step or constant (after warm-up).", choices=("cosine", "step", "constant")
+    )
     warmup_epochs: float = _f(0.0, "Linear warm-up length in epochs (fractions allowed).")
     step_epochs: int = _f(30, "step schedule: epochs between decays.")
     gamma: float = _f(0.1, "step schedule: decay factor.")
@@ -193,8 +192,11 @@ class TrainSection:
     label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.")
     grad_clip: float = _f(0.0, "Clip the global gradient norm to this (0 = off).")
     accum_steps: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.")
-    amp: str = _f("off", "Mixed precision on CUDA: off, bf16 or fp16 (with GradScaler).",
-                  choices=("off", "bf16", "fp16"))
+    amp: str = _f(
+        "off",
+        "Mixed precision on CUDA: off, bf16 or fp16 (with GradScaler).",
+        choices=("off", "bf16", "fp16"),
+    )
     log_every: int = _f(20, "Progress line (rank 0) and steps.csv row every N optimizer steps.")
 
     def __post_init__(self) -> None:
@@ -208,8 +210,11 @@ class TrainSection:
 class ParallelSection:
     """How the model is replicated."""
 
-    mode: str = _f("auto", "auto (ddp when world size > 1, else none), none, dp, ddp.",
-                   choices=("auto", "none", "dp", "ddp"))
+    mode: str = _f(
+        "auto",
+        "auto (ddp when world size > 1, else none), none, dp, ddp.",
+        choices=("auto", "none", "dp", "ddp"),
+    )
     sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under ddp.")
 
 
@@ -251,9 +256,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(t) for t in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, str(tp)
-    )
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -278,9 +281,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         or (tp is str and isinstance(value, str))
     )
     if not ok:
-        raise ValueError(
-            f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-        )
+        raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return float(value) if tp is float else value
 
 

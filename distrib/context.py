@@ -44,9 +44,7 @@ class DistContext:
         return self.world_size > 1
 
     @staticmethod
-    def from_env(
-        env: Mapping[str, str], *, backend: str = "auto", cuda_device_count: int = 0
-    ) -> DistContext:
+    def from_env(env: Mapping[str, str], *, backend: str = "auto", cuda_device_count: int = 0) -> DistContext:
         """Build the context from torchrun variables, else SLURM's, else a single process.
 
         Args:
@@ -113,8 +111,10 @@ def _from_slurm(env: Mapping[str, str]) -> dict[str, object]:
     )
     local_rank = _int(env, "SLURM_LOCALID", 0)
     _check_ranks(rank, world, local_rank, local_world)
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
-        "SLURM_NODELIST", "127.0.0.1"
+    nodelist = (
+        env.get("SLURM_STEP_NODELIST")
+        or env.get("SLURM_JOB_NODELIST")
+        or env.get("SLURM_NODELIST", "127.0.0.1")
     )
     port = env.get("MASTER_PORT")
     return dict(

@@ -113,8 +113,7 @@ def _with_pci_order(rows: Sequence[tuple[int, str, str, str, int, int]]) -> tupl
     order = sorted(rows, key=lambda r: _bus_key(r[1]))
     pci_index = {r[1]: i for i, r in enumerate(order)}
     return tuple(
-        GpuInfo(nvml, pci_index[bus], bus, uuid, name, tot, used)
-        for nvml, bus, uuid, name, tot, used in rows
+        GpuInfo(nvml, pci_index[bus], bus, uuid, name, tot, used) for nvml, bus, uuid, name, tot, used in rows
     )
 
 

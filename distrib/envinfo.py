@@ -18,8 +18,16 @@ from typing import Any
 from distrib.devices import AppliedEnv, Inventory, gpu_table
 
 SHOWN_PREFIXES = ("CUDA_", "NCCL_", "TORCH", "SLURM_", "PYTORCH_")
-SHOWN_NAMES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-               "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+SHOWN_NAMES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMP_NUM_THREADS",
+)
 
 
 def _version(dist: str) -> str:
@@ -73,8 +81,7 @@ def collect(inventory: Inventory, applied: AppliedEnv, env: Mapping[str, str]) -
     """The whole report as plain data (printed as text or JSON)."""
     import torch
 
-    shown = {k: v for k, v in sorted(env.items())
-             if k.startswith(SHOWN_PREFIXES) or k in SHOWN_NAMES}
+    shown = {k: v for k, v in sorted(env.items()) if k.startswith(SHOWN_PREFIXES) or k in SHOWN_NAMES}
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -124,7 +131,8 @@ def render_text(info: Mapping[str, Any]) -> str:
         lines.append("GPUs          none: this machine runs on the CPU (gloo backend)")
     ce = info["cuda_env"]
     lines.append(
-        "CUDA env      " + " ".join(f"{k}={v}" for k, v in ce["applied"].items())
+        "CUDA env      "
+        + " ".join(f"{k}={v}" for k, v in ce["applied"].items())
         + f"; set before torch import: {'yes' if ce['applied_before_torch_import'] else 'NO'}"
         + f"; CUDA initialised here: {'yes' if ce['cuda_initialized_in_this_process'] else 'no'}"
     )

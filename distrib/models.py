@@ -49,8 +49,10 @@ def build_model(cfg: ModelSection, num_classes: int) -> nn.Module:
         names = torchvision.models.list_models(module=torchvision.models)
         if cfg.name not in names:
             close = difflib.get_close_matches(cfg.name, names + ["small_cnn"], n=3)
-            raise LaunchError(f"model.name {cfg.name!r} is not small_cnn or a torchvision classifier"
-                              + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise LaunchError(
+                f"model.name {cfg.name!r} is not small_cnn or a torchvision classifier"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
         model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
     if cfg.weights:
         load_weights(model, Path(cfg.weights))
@@ -71,8 +73,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
     usable = {k: v for k, v in state.items() if k not in skipped}
     missing, unexpected = model.load_state_dict(usable, strict=False)
     if skipped:
-        log.info("weights: %d tensor(s) with another shape left fresh (e.g. the class head): %s",
-                 len(skipped), ", ".join(skipped[:4]))
+        log.info(
+            "weights: %d tensor(s) with another shape left fresh (e.g. the class head): %s",
+            len(skipped),
+            ", ".join(skipped[:4]),
+        )
     if unexpected or len(missing) > len(skipped):
-        raise LaunchError(f"model.weights {path} does not fit model: missing {list(missing)[:4]}, "
-                          f"unexpected {list(unexpected)[:4]}")
+        raise LaunchError(
+            f"model.weights {path} does not fit model: missing {list(missing)[:4]}, "
+            f"unexpected {list(unexpected)[:4]}"
+        )

@@ -27,7 +27,8 @@ def resolve_mode(mode: str, ctx: DistContext) -> str:
         raise LaunchError(
             f"parallel.mode = 'dp' (DataParallel) runs in one process, but this job has "
             f"{ctx.world_size} processes. Use parallel.mode = 'ddp' (or auto) with several "
-            "processes, or start one process (no --nproc-per-node) for dp.")
+            "processes, or start one process (no --nproc-per-node) for dp."
+        )
     if mode == "ddp" and not ctx.distributed:
         log.info("parallel.mode = 'ddp' with one process: training without a wrapper")
         return "none"
@@ -39,8 +40,10 @@ def wrap(model: nn.Module, ctx: DistContext, mode: str, sync_bn: bool = False) -
     mode = resolve_mode(mode, ctx)
     if mode == "dp":
         if ctx.device == "cpu" or torch.cuda.device_count() < 2:
-            log.info("DataParallel on %s: a plain module call (it splits batches only over "
-                     "two or more GPUs)", "the CPU" if ctx.device == "cpu" else "one GPU")
+            log.info(
+                "DataParallel on %s: a plain module call (it splits batches only over two or more GPUs)",
+                "the CPU" if ctx.device == "cpu" else "one GPU",
+            )
         return nn.DataParallel(model)
     if mode == "ddp":
         if sync_bn:

@@ -65,8 +65,9 @@ def prepare_split(ctx: DistContext, cfg: Config) -> DataSplit:
     data = cfg.data
     if data.synthetic and data.csv and not Path(data.csv).exists():
         if ctx.local_rank == 0:
-            log.info("writing the demo dataset (%d images per class) to %s", data.synthetic,
-                     Path(data.csv).parent)
+            log.info(
+                "writing the demo dataset (%d images per class) to %s", data.synthetic, Path(data.csv).parent
+            )
             write_synthetic(Path(data.csv).parent, per_class=data.synthetic, csv_name=Path(data.csv).name)
         barrier(ctx)
     return build_split(ctx, cfg)
@@ -104,8 +105,13 @@ class Engine:
 
 def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, std: tuple) -> Engine:
     d, t, o = cfg.data, cfg.train, cfg.optim
-    common = dict(seed=cfg.run.seed, batch_size=d.batch_size, num_workers=d.num_workers,
-                  on_bad_image=d.on_bad_image, pad_variable=d.pad_variable)
+    common = dict(
+        seed=cfg.run.seed,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        on_bad_image=d.on_bad_image,
+        pad_variable=d.pad_variable,
+    )
     train = build_loader(split.train, train_transform(d), ctx, train=True, sampler=d.sampler, **common)
     val = build_loader(split.val, eval_transform(d), ctx, train=False, **common)
     check_batch_fits(ctx, cfg, len(train.sampler), len(split.train))
@@ -117,8 +123,9 @@ def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, s
     bare = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
-                                                     weight_decay=o.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+        )
     else:
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     batches = len(train)
@@ -126,7 +133,8 @@ def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, s
     total = max(1, steps_per_epoch * t.epochs)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, warmup, o.schedule, o.step_epochs * steps_per_epoch, o.gamma))
+        opt, lambda s: lr_factor(s, total, warmup, o.schedule, o.step_epochs * steps_per_epoch, o.gamma)
+    )
     cuda = ctx.device.startswith("cuda")
     if t.amp != "off" and not cuda:
         log.warning("train.amp = %r needs CUDA; training in float32 on the CPU", t.amp)
@@ -142,7 +150,8 @@ def check_batch_fits(ctx: DistContext, cfg: Config, shard: int, total: int) -> N
         raise LaunchError(
             f"data.batch_size {cfg.data.batch_size} is larger than this rank's shard of {shard} "
             f"training images ({total} images over {ctx.world_size} rank(s)); lower data.batch_size "
-            "(it is per rank) or use fewer processes")
+            "(it is per rank) or use fewer processes"
+        )
 
 
 # --------------------------------------------------------------------------- state
@@ -163,8 +172,9 @@ class Progress:
     train_images: float = 0.0
 
 
-def checkpoint_state(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress,
-                     classes: tuple[str, ...]) -> dict[str, Any] | None:
+def checkpoint_state(
+    ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, classes: tuple[str, ...]
+) -> dict[str, Any] | None:
     """Collect every rank's RNG state; returns the checkpoint dict on rank 0 (None elsewhere)."""
     rngs = gather_objects(ctx, ck.rng_state())
     if not ctx.is_main:
@@ -184,8 +194,15 @@ def checkpoint_state(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress,
     }
 
 
-def save(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, mgr: ck.CheckpointManager,
-         classes: tuple[str, ...], best: bool) -> None:
+def save(
+    ctx: DistContext,
+    cfg: Config,
+    eng: Engine,
+    prog: Progress,
+    mgr: ck.CheckpointManager,
+    classes: tuple[str, ...],
+    best: bool,
+) -> None:
     state = checkpoint_state(ctx, cfg, eng, prog, classes)
     if state is not None:
         path = mgr.save(state, prog.global_step, best)
@@ -219,10 +236,16 @@ def resume(ctx: DistContext, cfg: Config, eng: Engine, path: Path, classes: tupl
     if len(rngs) == ctx.world_size:
         ck.set_rng_state(rngs[ctx.rank])
     else:
-        log.warning("checkpoint from %d rank(s), resuming on %d: RNG streams restart", len(rngs),
-                    ctx.world_size)
-    log.info("resumed from %s at epoch %d, batch %d, step %d", path, prog.epoch, prog.batch_in_epoch,
-             prog.global_step)
+        log.warning(
+            "checkpoint from %d rank(s), resuming on %d: RNG streams restart", len(rngs), ctx.world_size
+        )
+    log.info(
+        "resumed from %s at epoch %d, batch %d, step %d",
+        path,
+        prog.epoch,
+        prog.batch_in_epoch,
+        prog.global_step,
+    )
     return prog
 
 
@@ -241,7 +264,9 @@ def _no_sync(eng: Engine, sync: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def optimizer_step(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, bad_loss: torch.Tensor) -> None:
+def optimizer_step(
+    ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, bad_loss: torch.Tensor
+) -> None:
     """Unscale, check for non-finite values on every rank at once, clip, step."""
     if eng.scaler:
         eng.scaler.unscale_(eng.optimizer)
@@ -269,7 +294,8 @@ def raise_non_finite(ctx: DistContext, prog: Progress, eng: Engine, local: bool)
     raise LaunchError(
         f"non-finite value in {where} at epoch {prog.epoch} step {prog.global_step + 1} on rank "
         f"{ctx.rank} (learning rate {lr:.4g}); lower optim.lr, set train.grad_clip, check the data "
-        "(mean/std) or use train.amp = 'bf16' instead of 'fp16'")
+        "(mean/std) or use train.amp = 'bf16' instead of 'fp16'"
+    )
 
 
 class StepLog:
@@ -303,9 +329,17 @@ class StepLog:
         lr = self.eng.optimizer.param_groups[0]["lr"]
         loss = w[0] / max(w[1], 1)
         if self.ctx.is_main:
-            log.info("epoch %d/%d step %d/%d loss %.4f lr %.4g %.0f img/s ETA %s", prog.epoch + 1,
-                     self.epochs, prog.global_step, self.total, loss, lr, rate,
-                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+            log.info(
+                "epoch %d/%d step %d/%d loss %.4f lr %.4g %.0f img/s ETA %s",
+                prog.epoch + 1,
+                self.epochs,
+                prog.global_step,
+                self.total,
+                loss,
+                lr,
+                rate,
+                time.strftime("%H:%M:%S", time.gmtime(eta)),
+            )
             new = not self.path.exists()
             with self.path.open("a", newline="") as fh:
                 wr = csv.writer(fh)
@@ -324,8 +358,16 @@ def micro_batches(eng: Engine, prog: Progress, accum: int, bad: list) -> Iterato
         yield (i + 1) % accum == 0 or i + 1 == eng.batches_per_epoch, batch
 
 
-def train_epoch(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, steps: StepLog,
-                mgr: ck.CheckpointManager, classes: tuple[str, ...], bad: list) -> bool:
+def train_epoch(
+    ctx: DistContext,
+    cfg: Config,
+    eng: Engine,
+    prog: Progress,
+    steps: StepLog,
+    mgr: ck.CheckpointManager,
+    classes: tuple[str, ...],
+    bad: list,
+) -> bool:
     """One (possibly resumed) epoch; False when train.max_steps stopped it midway."""
     eng.model.train()
     sums = torch.tensor(prog.epoch_sums, dtype=torch.float64, device=ctx.device)
@@ -343,8 +385,13 @@ def train_epoch(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, step
         scaled = loss / cfg.train.accum_steps
         (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
         n = len(b)
-        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == b.targets).sum().double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=ctx.device)])
+        sums += torch.stack(
+            [
+                loss.detach().double() * n,
+                (logits.argmax(1) == b.targets).sum().double(),
+                torch.tensor(float(n), dtype=torch.float64, device=ctx.device),
+            ]
+        )
         steps.add(loss, n)
         prog.batch_in_epoch += 1
         if not sync:
@@ -379,8 +426,13 @@ def evaluate(ctx: DistContext, eng: Engine, num_classes: int) -> dict[str, Any]:
         with _autocast(eng, ctx.device):
             logits = eng.model(eng.normalizer(b.images)).float()
         hit = logits.argmax(1) == b.targets
-        totals += torch.stack([ce(logits, b.targets).double(), hit.sum().double(),
-                               torch.tensor(float(len(b)), dtype=torch.float64, device=ctx.device)])
+        totals += torch.stack(
+            [
+                ce(logits, b.targets).double(),
+                hit.sum().double(),
+                torch.tensor(float(len(b)), dtype=torch.float64, device=ctx.device),
+            ]
+        )
         per_class[0] += torch.bincount(b.targets[hit], minlength=num_classes).double()
         per_class[1] += torch.bincount(b.targets, minlength=num_classes).double()
     all_reduce_sum(ctx, totals)
@@ -400,23 +452,54 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(run_dir / "metrics.csv")
 
 
-def end_of_epoch(ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, classes: tuple[str, ...]) -> dict:
+def end_of_epoch(
+    ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, classes: tuple[str, ...]
+) -> dict:
     """Reduce the epoch's training sums, validate, append the two metrics rows."""
     sums = all_reduce_sum(ctx, torch.tensor(prog.epoch_sums, dtype=torch.float64, device=ctx.device))
     loss_n, correct, n = sums.tolist()
-    secs = all_reduce_sum(ctx, torch.tensor([prog.epoch_seconds], dtype=torch.float64)).item() / ctx.world_size
+    secs = (
+        all_reduce_sum(ctx, torch.tensor([prog.epoch_seconds], dtype=torch.float64)).item() / ctx.world_size
+    )
     val = evaluate(ctx, eng, len(classes))
     lr = eng.optimizer.param_groups[0]["lr"]
     prog.train_seconds += secs
     prog.train_images += n
-    prog.rows.append({"epoch": prog.epoch, "split": "train", "loss": loss_n / max(n, 1), "acc": correct / max(n, 1),
-                      "images": int(n), "seconds": secs, "images_per_s": n / max(secs, 1e-9), "lr": lr})
-    prog.rows.append({"epoch": prog.epoch, "split": "val", "loss": val["loss"], "acc": val["acc"],
-                      "images": val["images"], "seconds": "", "images_per_s": "", "lr": lr,
-                      "per_class": val["per_class"]})
-    log.info("epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s", prog.epoch + 1,
-             cfg.train.epochs, loss_n / max(n, 1), correct / max(n, 1), val["loss"], val["acc"],
-             n / max(secs, 1e-9))
+    prog.rows.append(
+        {
+            "epoch": prog.epoch,
+            "split": "train",
+            "loss": loss_n / max(n, 1),
+            "acc": correct / max(n, 1),
+            "images": int(n),
+            "seconds": secs,
+            "images_per_s": n / max(secs, 1e-9),
+            "lr": lr,
+        }
+    )
+    prog.rows.append(
+        {
+            "epoch": prog.epoch,
+            "split": "val",
+            "loss": val["loss"],
+            "acc": val["acc"],
+            "images": val["images"],
+            "seconds": "",
+            "images_per_s": "",
+            "lr": lr,
+            "per_class": val["per_class"],
+        }
+    )
+    log.info(
+        "epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
+        prog.epoch + 1,
+        cfg.train.epochs,
+        loss_n / max(n, 1),
+        correct / max(n, 1),
+        val["loss"],
+        val["acc"],
+        n / max(secs, 1e-9),
+    )
     return val
 
 
@@ -455,8 +538,15 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv)
         write_class_map(classes, run_dir / "classes.json")
         if not path:
             write_preview(ctx, cfg, split, mean, std, run_dir / "preview.png")
-    log.info("training %s (%s) on %d image(s), validating on %d; %d class(es); %d batch(es)/epoch",
-             cfg.model.name, eng.mode, len(split.train), len(split.val), len(classes), eng.batches_per_epoch)
+    log.info(
+        "training %s (%s) on %d image(s), validating on %d; %d class(es); %d batch(es)/epoch",
+        cfg.model.name,
+        eng.mode,
+        len(split.train),
+        len(split.val),
+        len(classes),
+        eng.batches_per_epoch,
+    )
     total_steps = math.ceil(eng.batches_per_epoch / cfg.train.accum_steps) * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -482,8 +572,16 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv)
     return 0
 
 
-def finish(ctx: DistContext, cfg: Config, run_dir: Path, prog: Progress, val: dict, classes: tuple[str, ...],
-           bad: list[str], eng: Engine) -> None:
+def finish(
+    ctx: DistContext,
+    cfg: Config,
+    run_dir: Path,
+    prog: Progress,
+    val: dict,
+    classes: tuple[str, ...],
+    bad: list[str],
+    eng: Engine,
+) -> None:
     """summary.json (rank 0) with the final figures; bad images listed."""
     every_bad = sorted({p for part in gather_objects(ctx, bad) for p in part})
     if not ctx.is_main:

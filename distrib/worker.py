@@ -68,8 +68,14 @@ def run_worker(cfg: Config, plan: DevicePlan, applied: AppliedEnv, command: str,
     setup_logging(ctx.rank, cfg.launch.log_ranks)
     log.info(
         "%s: rank %d/%d (local %d/%d, node %d) on %s, backend %s",
-        ctx.launcher, ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size,
-        ctx.node_rank, ctx.device, ctx.backend,
+        ctx.launcher,
+        ctx.rank,
+        ctx.world_size,
+        ctx.local_rank,
+        ctx.local_world_size,
+        ctx.node_rank,
+        ctx.device,
+        ctx.backend,
     )
     bind_device(ctx)
     with process_group(ctx, cfg.dist.timeout_s):

@@ -20,14 +20,22 @@ FAKE_NVML = str(REPO / "tests" / "fakes" / "nvml")
 PROBE = str(REPO / "tests" / "fakes" / "probe")
 # variables a developer's shell (or CI) might carry that would change what a test means
 _STRIP_PREFIXES = ("CUDA_", "SLURM_", "TORCHELASTIC_", "NCCL_", "FAKE_NVML", "TORCH_IMPORT_PROBE")
-_STRIP = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-          "MASTER_PORT", "OMP_NUM_THREADS", "PYTHONPATH")
+_STRIP = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMP_NUM_THREADS",
+    "PYTHONPATH",
+)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The current environment without launcher/CUDA variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _STRIP and not k.startswith(_STRIP_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if k not in _STRIP and not k.startswith(_STRIP_PREFIXES)}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -52,11 +60,19 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 90,
-        cwd: Path | str = REPO) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 90, cwd: Path | str = REPO
+) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` in its own session; kill the whole session on timeout; check none is left."""
-    proc = subprocess.Popen(list(cmd), env=env or clean_env(), cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        list(cmd),
+        env=env or clean_env(),
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -103,7 +119,6 @@ def reference_stats(
             chans[c].append(img[c].numpy().astype(np.float64).ravel() / 255.0)
     allc = [np.concatenate(c) for c in chans]
     return np.array([a.mean() for a in allc]), np.array([a.std() for a in allc])
-
 
 
 @pytest.fixture(autouse=True)

@@ -45,8 +45,20 @@ def test_single_gpu_run_binds_cuda0_with_nccl(tmp_path: Path) -> None:
 
 def test_torchrun_one_rank_per_gpu_on_nccl(tmp_path: Path) -> None:
     n = torch.cuda.device_count()
-    res = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(n), LAUNCH, "check", "--set", f"run.out_dir={tmp_path}"])
+    res = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(n),
+            LAUNCH,
+            "check",
+            "--set",
+            f"run.out_dir={tmp_path}",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     reports = rank_reports(tmp_path)
     assert [r["device"] for r in reports] == [f"cuda:{i}" for i in range(n)]
@@ -54,8 +66,10 @@ def test_torchrun_one_rank_per_gpu_on_nccl(tmp_path: Path) -> None:
 
 
 def test_collectives_on_cuda_alone() -> None:
-    res = run([sys.executable, str(REPO / "tests" / "dist" / "collectives_worker.py")],
-              env=clean_env(PYTHONPATH=str(REPO)))
+    res = run(
+        [sys.executable, str(REPO / "tests" / "dist" / "collectives_worker.py")],
+        env=clean_env(PYTHONPATH=str(REPO)),
+    )
     assert res.returncode == 0, res.stderr
 
 

@@ -9,8 +9,11 @@ import pytest
 from PIL import Image
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300),
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def test_pinned_uint8_batches_normalised_on_the_gpu(tmp_path: Path) -> None:
@@ -27,8 +30,15 @@ def test_pinned_uint8_batches_normalised_on_the_gpu(tmp_path: Path) -> None:
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     cfg = load_config(None)
     ctx = DistContext(device="cuda:0", backend="nccl")
-    loader = build_loader(scan_imagefolder(tmp_path), eval_transform(cfg.data), ctx, seed=0, batch_size=4,
-                          num_workers=2, train=False)
+    loader = build_loader(
+        scan_imagefolder(tmp_path),
+        eval_transform(cfg.data),
+        ctx,
+        seed=0,
+        batch_size=4,
+        num_workers=2,
+        train=False,
+    )
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)
     gpu, cpu = Normalizer(mean, std, "cuda:0"), Normalizer(mean, std, "cpu")
     for batch in loader.epoch(0):

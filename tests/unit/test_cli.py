@@ -29,9 +29,9 @@ def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.parametrize("spelling", ["--nproc-per-node", "--nproc_per_node"])
 def test_torchrun_spellings_both_work(spelling: str) -> None:
     args = launch.build_parser().parse_args(
-        ["train", spelling, "2", "--master_port", "1234", "--node-rank", "1", "--log_ranks", "all"])
-    assert (args.nproc_per_node, args.master_port, args.node_rank, args.log_ranks) == (
-        "2", 1234, 1, "all")
+        ["train", spelling, "2", "--master_port", "1234", "--node-rank", "1", "--log_ranks", "all"]
+    )
+    assert (args.nproc_per_node, args.master_port, args.node_rank, args.log_ranks) == ("2", 1234, 1, "all")
 
 
 @pytest.mark.parametrize(
@@ -50,8 +50,19 @@ def test_bad_launcher_flags(argv: list[str], needle: str, capsys: pytest.Capture
 
 
 def test_strip_launcher_flags_keeps_the_rest() -> None:
-    argv = ["train", "--nproc-per-node", "2", "--gpus", "1,0", "--master_port=99",
-            "--set", "run.seed=1", "--rdzv-endpoint", "h:1", "--nnodes=1"]
+    argv = [
+        "train",
+        "--nproc-per-node",
+        "2",
+        "--gpus",
+        "1,0",
+        "--master_port=99",
+        "--set",
+        "run.seed=1",
+        "--rdzv-endpoint",
+        "h:1",
+        "--nnodes=1",
+    ]
     assert strip_launcher_flags(argv) == ["train", "--gpus", "1,0", "--set", "run.seed=1"]
 
 

@@ -39,8 +39,9 @@ def test_defaults_without_a_file() -> None:
 
 
 def test_set_overrides_are_typed_like_the_field() -> None:
-    cfg = load_config(None, ["dist.timeout_s=5", "run.seed=7", "dist.backend=gloo",
-                             "launch.gpus=1,0", "run.name=my-run"])
+    cfg = load_config(
+        None, ["dist.timeout_s=5", "run.seed=7", "dist.backend=gloo", "launch.gpus=1,0", "run.name=my-run"]
+    )
     assert cfg.dist.timeout_s == 5.0 and isinstance(cfg.dist.timeout_s, float)
     assert cfg.run.seed == 7 and cfg.dist.backend == "gloo" and cfg.run.name == "my-run"
     assert cfg.launch.gpus == (1, 0)

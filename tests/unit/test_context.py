@@ -10,16 +10,25 @@ from distrib.errors import LaunchError
 
 def torchrun_env(rank: int, world: int = 4, local_world: int = 2) -> dict[str, str]:
     return {
-        "RANK": str(rank), "LOCAL_RANK": str(rank % local_world), "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(local_world), "GROUP_RANK": str(rank // local_world),
-        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank % local_world),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(local_world),
+        "GROUP_RANK": str(rank // local_world),
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29400",
     }
 
 
 def test_bare_environment_is_one_process_on_cpu() -> None:
     ctx = DistContext.from_env({})
     assert (ctx.rank, ctx.world_size, ctx.launcher, ctx.device, ctx.backend) == (
-        0, 1, "single", "cpu", "gloo")
+        0,
+        1,
+        "single",
+        "cpu",
+        "gloo",
+    )
     assert ctx.is_main and not ctx.distributed
 
 
@@ -50,8 +59,12 @@ def test_torchrun_wins_over_slurm() -> None:
 
 def slurm_env(procid: int) -> dict[str, str]:
     return {
-        "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid % 4), "SLURM_NODEID": str(procid // 4),
-        "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "123456",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(procid % 4),
+        "SLURM_NODEID": str(procid // 4),
+        "SLURM_NTASKS": "8",
+        "SLURM_TASKS_PER_NODE": "4(x2)",
+        "SLURM_JOB_ID": "123456",
         "SLURM_JOB_NODELIST": "gpu[07-08]",
     }
 
@@ -60,23 +73,37 @@ def slurm_env(procid: int) -> dict[str, str]:
 def test_slurm_every_task(procid: int) -> None:
     ctx = DistContext.from_env(slurm_env(procid), cuda_device_count=4)
     assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size, ctx.node_rank) == (
-        procid, 8, procid % 4, 4, procid // 4)
+        procid,
+        8,
+        procid % 4,
+        4,
+        procid // 4,
+    )
     assert ctx.master_addr == "gpu07" and ctx.launcher == "slurm"
     assert ctx.master_port == 15000 + 123456 % 20000  # same on every task, no exchange needed
 
 
 def test_slurm_respects_explicit_master_variables_and_step_values() -> None:
-    env = {**slurm_env(1), "MASTER_ADDR": "head", "MASTER_PORT": "1234",
-           "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2"}
+    env = {
+        **slurm_env(1),
+        "MASTER_ADDR": "head",
+        "MASTER_PORT": "1234",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "2",
+    }
     ctx = DistContext.from_env(env)
-    assert (ctx.master_addr, ctx.master_port, ctx.world_size, ctx.local_world_size) == (
-        "head", 1234, 2, 2)
+    assert (ctx.master_addr, ctx.master_port, ctx.world_size, ctx.local_world_size) == ("head", 1234, 2, 2)
 
 
 @pytest.mark.parametrize(
     "nodelist, first",
-    [("gpu[03-05,9],cpu1", "gpu03"), ("node7", "node7"), ("a1,b2", "a1"), ("n[1,3]", "n1"),
-     ("rack1-n[010-012]", "rack1-n010")],
+    [
+        ("gpu[03-05,9],cpu1", "gpu03"),
+        ("node7", "node7"),
+        ("a1,b2", "a1"),
+        ("n[1,3]", "n1"),
+        ("rack1-n[010-012]", "rack1-n010"),
+    ],
 )
 def test_first_slurm_host(nodelist: str, first: str) -> None:
     assert first_slurm_host(nodelist) == first

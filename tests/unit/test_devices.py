@@ -132,15 +132,13 @@ def test_inventory_from_nvml_maps_nvml_index_to_pci_order(monkeypatch: pytest.Mo
     assert cuda == {0: 0, 2: 1, 1: None}  # pci 2 is nvml 0 -> cuda 0; pci 0 is nvml 2 -> cuda 1
 
 
-def test_inventory_falls_back_to_procfs_then_none(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
+def test_inventory_falls_back_to_procfs_then_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FAKE_NVML_FAIL", "1")
     monkeypatch.setitem(sys.modules, "pynvml", _load_fake_nvml())
     (tmp_path / "0000:81:00.0").mkdir()
     (tmp_path / "0000:01:00.0").mkdir()
     inv = query_inventory(tmp_path)
-    assert inv.source == "procfs" and [g.pci_bus_id for g in inv.gpus] == [
-        "0000:01:00.0", "0000:81:00.0"]
+    assert inv.source == "procfs" and [g.pci_bus_id for g in inv.gpus] == ["0000:01:00.0", "0000:81:00.0"]
     assert "not loaded" in inv.nvml_error
     none = query_inventory(tmp_path / "absent")
     assert none.count == 0 and none.source == "none" and "not loaded" in none.describe()

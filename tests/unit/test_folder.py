@@ -82,8 +82,14 @@ def test_build_split_from_csv_and_from_val_root(tmp_path: Path) -> None:
     from datasets.synthetic import write_synthetic
 
     csv_path = write_synthetic(tmp_path / "s", classes=3, per_class=10, size=16)
-    cfg = load_config(None, [f"data.csv={csv_path}", f"data.images={tmp_path / 's' / 'images'}",
-                             f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.csv={csv_path}",
+            f"data.images={tmp_path / 's' / 'images'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     split = build_split(DistContext(), cfg)
     assert split.classes == ("disc", "square", "triangle")
     assert len(split.train) == 21 and len(split.val) == 9

@@ -21,8 +21,11 @@ MAKE_IMAGEFOLDER = REPO.parent / "shared" / "bench" / "make_imagefolder.py"
 
 def tree(root: Path) -> dict[str, bytes]:
     """Class folders' files and their bytes (the manifest at the root is not part of it)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.parent != root}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.parent != root
+    }
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]], header=("file_name", "label")) -> Path:
@@ -44,9 +47,22 @@ def flat(tmp_path: Path, names: list[str]) -> Path:
 
 @pytest.mark.skipif(not MAKE_IMAGEFOLDER.exists(), reason="../shared/bench/make_imagefolder.py absent")
 def test_same_tree_as_make_imagefolder(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(MAKE_IMAGEFOLDER), str(tmp_path / "d"), "--classes", "5",
-                    "--per-class", "3", "--size", "32", "--imagefolder"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(MAKE_IMAGEFOLDER),
+            str(tmp_path / "d"),
+            "--classes",
+            "5",
+            "--per-class",
+            "3",
+            "--size",
+            "32",
+            "--imagefolder",
+        ],
+        check=True,
+        capture_output=True,
+    )
     d = tmp_path / "d"
     organize(d / "train_df.csv", d / "train", tmp_path / "out")
     assert tree(tmp_path / "out") == tree(d / "imagefolder")
@@ -176,8 +192,9 @@ def test_two_rows_landing_on_one_name_are_refused(tmp_path: Path) -> None:
 
 def test_dry_run_changes_nothing(tmp_path: Path) -> None:
     images = flat(tmp_path, ["a.png"])
-    plan = organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out",
-                    mode="move", dry_run=True)
+    plan = organize(
+        write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out", mode="move", dry_run=True
+    )
     assert len(plan.todo) == 1 and not (tmp_path / "out").exists() and (images / "a.png").exists()
 
 
@@ -197,14 +214,14 @@ def test_copy_across_file_systems(tmp_path: Path) -> None:
 
     with tempfile.TemporaryDirectory(dir=shm) as src:
         images = flat(Path(src), ["a.png"])
-        organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out",
-                 mode="move")
+        organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out", mode="move")
         assert (tmp_path / "out" / "x" / "a.png").read_bytes() == b"bytes of a.png"
         assert not (images / "a.png").exists()
 
 
-def test_move_interrupted_between_link_and_unlink_loses_nothing(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_move_interrupted_between_link_and_unlink_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     names = [f"f{i}.png" for i in range(6)]
     images = flat(tmp_path, names)
     csv_path = write_csv(tmp_path / "l.csv", [(n, "x") for n in names])
@@ -242,8 +259,19 @@ def test_move_killed_midway_by_a_signal_then_rerun(tmp_path: Path) -> None:
     images = flat(tmp_path, names)
     csv_path = write_csv(tmp_path / "l.csv", [(n, f"c{i % 7}") for i, n in enumerate(names)])
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "launch.py"), "organize", "--csv", str(csv_path), "--images",
-           str(images), "--out", str(out), "--mode", "move"]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch.py"),
+        "organize",
+        "--csv",
+        str(csv_path),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--mode",
+        "move",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import time
 

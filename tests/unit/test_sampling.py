@@ -119,12 +119,27 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Samples:
 
 
 def _augmented(images: Samples, world: int, workers: int, epoch: int) -> dict[int, torch.Tensor]:
-    cfg = load_config(None, ["data.crop=[12, 12]", "data.crop_scale=[0.2, 1.0]", "data.hflip=0.5",
-                             "data.vflip=0.5", "data.rotation=30"])
+    cfg = load_config(
+        None,
+        [
+            "data.crop=[12, 12]",
+            "data.crop_scale=[0.2, 1.0]",
+            "data.hflip=0.5",
+            "data.vflip=0.5",
+            "data.rotation=30",
+        ],
+    )
     out = {}
     for r in range(world):
-        loader = build_loader(images, train_transform(cfg.data), ctx(r, world), seed=9, batch_size=4,
-                              num_workers=workers, train=True)
+        loader = build_loader(
+            images,
+            train_transform(cfg.data),
+            ctx(r, world),
+            seed=9,
+            batch_size=4,
+            num_workers=workers,
+            train=True,
+        )
         for batch in loader.epoch(epoch):
             out.update(zip(batch.indices.tolist(), batch.images, strict=True))
     return out
@@ -152,8 +167,9 @@ def test_augmentation_does_not_touch_the_callers_rng(images: Samples) -> None:
 
 def test_loader_has_no_plain_iteration(images: Samples) -> None:
     cfg = load_config(None)
-    loader = build_loader(images, train_transform(cfg.data), ctx(0, 1), seed=0, batch_size=4,
-                          num_workers=0, train=True)
+    loader = build_loader(
+        images, train_transform(cfg.data), ctx(0, 1), seed=0, batch_size=4, num_workers=0, train=True
+    )
     assert not hasattr(loader, "__iter__")
     assert len(list(loader.epoch(0))) == 3
 
@@ -166,13 +182,28 @@ def test_bad_image_error_names_the_file_or_is_skipped(images: Samples, tmp_path:
     from distrib.errors import LaunchError
 
     for workers in (0, 2):
-        loader = build_loader(samples, train_transform(cfg.data), ctx(0, 1), seed=0, batch_size=2,
-                              num_workers=workers, train=True)
+        loader = build_loader(
+            samples,
+            train_transform(cfg.data),
+            ctx(0, 1),
+            seed=0,
+            batch_size=2,
+            num_workers=workers,
+            train=True,
+        )
         with pytest.raises(LaunchError) as e:
             list(loader.epoch(0))
         assert str(bad) in str(e.value) and "on_bad_image" in str(e.value)
         assert "Traceback" not in str(e.value)
-    loader = build_loader(samples, train_transform(cfg.data), ctx(0, 1), seed=0, batch_size=2,
-                          num_workers=2, train=True, on_bad_image="skip")
+    loader = build_loader(
+        samples,
+        train_transform(cfg.data),
+        ctx(0, 1),
+        seed=0,
+        batch_size=2,
+        num_workers=2,
+        train=True,
+        on_bad_image="skip",
+    )
     (batch,) = list(loader.epoch(0))
     assert len(batch) == 1 and [s.path for s in batch.skipped] == [str(bad)]

@@ -37,8 +37,9 @@ def test_exact_against_float64_reference(workers: int, tmp_path: Path) -> None:
     mean, std = reference(paths)
     assert np.allclose(stats.mean, mean, rtol=0, atol=1e-9)
     assert np.allclose(stats.std, std, rtol=0, atol=1e-9)
-    assert stats.images == 9 and stats.pixels == sum(Image.open(p).size[0] * Image.open(p).size[1]
-                                                    for p in paths)
+    assert stats.images == 9 and stats.pixels == sum(
+        Image.open(p).size[0] * Image.open(p).size[1] for p in paths
+    )
     # the shortcut misses the spread between images: clearly below the true std here
     assert all(e < -10 for e in stats.naive_error_pct())
 
@@ -66,17 +67,23 @@ def test_bad_images_are_skipped_and_listed(tmp_path: Path) -> None:
 def test_auto_stats_are_cached_per_dataset(tmp_path: Path) -> None:
     paths = mixed_images(tmp_path, 3)
     samples = Samples(np.array(paths), np.zeros(3, dtype=np.int64), ("a",))
-    first = cached_stats(samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0,
-                         skip_bad=False)
+    first = cached_stats(
+        samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0, skip_bad=False
+    )
     path = stats_cache_path(samples, (), tmp_path / "c")
     raw = json.loads(path.read_text())
     raw["mean"] = [0.5, 0.5, 0.5]  # mark the file: a second call must read it, not recompute
     path.write_text(json.dumps(raw))
-    again = cached_stats(samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0,
-                         skip_bad=False)
+    again = cached_stats(
+        samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0, skip_bad=False
+    )
     assert again.mean == (0.5, 0.5, 0.5) and again.std == first.std
     other = Samples(np.array(paths[:2]), np.zeros(2, dtype=np.int64), ("a",))
     assert stats_cache_path(other, (), tmp_path / "c") != path
     path.write_text("{broken")
-    assert cached_stats(samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0,
-                        skip_bad=False).mean == first.mean
+    assert (
+        cached_stats(
+            samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0, skip_bad=False
+        ).mean
+        == first.mean
+    )

@@ -81,8 +81,9 @@ def test_normalizer_reuse_writes_into_one_buffer() -> None:
 
 
 def test_transforms_from_config_keep_uint8() -> None:
-    cfg = load_config(None, ["data.resize=[20, 16]", "data.crop=[8, 8]", "data.rotation=10",
-                             "data.vflip=0.5"])
+    cfg = load_config(
+        None, ["data.resize=[20, 16]", "data.crop=[8, 8]", "data.rotation=10", "data.vflip=0.5"]
+    )
     x = torch.from_numpy(RGB).permute(2, 0, 1).contiguous()
     assert train_transform(cfg.data)(x).shape == (3, 8, 8)
     out = eval_transform(cfg.data)(x)

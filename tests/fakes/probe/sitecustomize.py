@@ -17,11 +17,16 @@ class _Probe:
         if name == "torch" and not _Probe.done:
             _Probe.done = True
             with open(os.environ["TORCH_IMPORT_PROBE"], "a") as fh:
-                fh.write(json.dumps({
-                    "pid": os.getpid(),
-                    "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER"),
-                    "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                }) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "pid": os.getpid(),
+                            "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER"),
+                            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        }
+                    )
+                    + "\n"
+                )
         return None
 
 
