@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a command, 'train' runs.",
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    sub.add_parser("train", parents=[common, launcher], help="train (default command)")
+    train = sub.add_parser("train", parents=[common, launcher], help="train (default command)")
+    train.add_argument("--resume", metavar="auto|PATH", help="continue from a checkpoint (checkpoint.resume)")
+    ev = sub.add_parser("eval", parents=[common, launcher], help="evaluate a checkpoint")
+    ev.add_argument("--checkpoint", required=True, help="a ckpt-*.pt or best.pt written by train")
+    ev.add_argument("--data", help="ImageFolder to evaluate on (default: the run's validation split)")
     sub.add_parser(
         "check", parents=[common, launcher], help="all-reduce on every rank and report what each rank sees"
     )
@@ -194,6 +198,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"launch.gpus=[{','.join(str(g) for g in parse_gpu_ids(args.gpus))}]")
     if args.log_ranks is not None:
         out.append(f"launch.log_ranks={args.log_ranks!r}")
+    if getattr(args, "resume", None) is not None:
+        out.append(f"checkpoint.resume={args.resume!r}")
     return out
 
 
@@ -273,6 +279,10 @@ def job_for(args: argparse.Namespace) -> Job:
         from datasets.commands import preview_job
 
         return functools.partial(preview_job, out=args.out)
+    if args.command == "eval":
+        from distrib.evaluate import eval_job
+
+        return functools.partial(eval_job, checkpoint=args.checkpoint, data_dir=args.data)
     if args.command == "check":
         from distrib.check import check_job
 

@@ -96,7 +96,11 @@ def compute_stats(
     """Exact stats over ``paths``, sharded r::W across ranks and summed (identity alone)."""
     shard = list(paths[ctx.rank :: ctx.world_size])
     loader = DataLoader(
-        _HistDataset(shard, resize, skip_bad), batch_size=1, num_workers=num_workers, collate_fn=_first
+        _HistDataset(shard, resize, skip_bad),
+        batch_size=1,
+        num_workers=num_workers,
+        collate_fn=_first,
+        generator=torch.Generator(),  # leaves the caller's global RNG untouched
     )
     total = torch.zeros(3, 256, dtype=torch.int64)
     naive = torch.zeros(4, dtype=torch.float64)  # sum of per-image std (3) and image count

@@ -387,12 +387,20 @@ def merge_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         except ValueError as e:
             errors.append(str(e))
             continue
+        if _field_type(section, key) is str and not isinstance(value, str):
+            value = item.split("=", 1)[1]  # run.name=nan or =2024 mean the text, not a number
         target = merged.setdefault(section, {})
         if isinstance(target, dict):
             target[key] = value
     if errors:
         raise ConfigError(errors)
     return merged
+
+
+def _field_type(section: str, key: str) -> Any:
+    """The declared type of ``section.key`` (None when either is unknown)."""
+    cls = typing.get_type_hints(Config).get(section)
+    return typing.get_type_hints(cls).get(key) if dataclasses.is_dataclass(cls) else None
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

@@ -44,7 +44,7 @@ from distrib.process_group import all_reduce_sum, barrier, broadcast_object, gat
 from distrib.seeding import derive_seed, seed_process
 
 log = logging.getLogger(__name__)
-INIT = 5  # seed purpose: model initialisation (same on every rank)
+INIT, STEPS = 5, 6  # seed purposes: model initialisation (same on every rank), the loop's RNG
 CKPT_FORMAT = 1
 
 
@@ -52,8 +52,7 @@ CKPT_FORMAT = 1
 
 
 def set_determinism(cfg: Config) -> None:
-    """Seed this process and choose deterministic or fast kernels (run.deterministic)."""
-    seed_process(derive_seed(cfg.run.seed, INIT))
+    """Choose deterministic or fast kernels (run.deterministic)."""
     det = cfg.run.deterministic
     torch.backends.cudnn.deterministic = det
     torch.backends.cudnn.benchmark = not det
@@ -101,6 +100,8 @@ class Engine:
     mode: str
     batches_per_epoch: int
     amp_dtype: torch.dtype | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, std: tuple) -> Engine:
@@ -115,6 +116,8 @@ def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, s
     train = build_loader(split.train, train_transform(d), ctx, train=True, sampler=d.sampler, **common)
     val = build_loader(split.val, eval_transform(d), ctx, train=False, **common)
     check_batch_fits(ctx, cfg, len(train.sampler), len(split.train))
+    # seeded right here: whatever ran before (stats, caches) must not change the init
+    seed_process(derive_seed(cfg.run.seed, INIT))
     bare = build_model(cfg.model, len(split.classes)).to(ctx.device)
     if d.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
@@ -142,7 +145,22 @@ def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, s
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     norm = Normalizer(mean, std, ctx.device, channels_last=d.channels_last, reuse=True)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    return Engine(model, bare, opt, sched, scaler, norm, criterion, train, val, mode, batches, amp_dtype)
+    return Engine(
+        model,
+        bare,
+        opt,
+        sched,
+        scaler,
+        norm,
+        criterion,
+        train,
+        val,
+        mode,
+        batches,
+        amp_dtype,
+        tuple(mean),
+        tuple(std),
+    )
 
 
 def check_batch_fits(ctx: DistContext, cfg: Config, shard: int, total: int) -> None:
@@ -190,6 +208,8 @@ def checkpoint_state(
         "progress": asdict(prog),
         "rng": rngs,
         "world_size": ctx.world_size,
+        "mean": list(eng.mean),
+        "std": list(eng.std),
         "config": json.dumps(asdict(cfg)),
     }
 
@@ -358,6 +378,41 @@ def micro_batches(eng: Engine, prog: Progress, accum: int, bad: list) -> Iterato
         yield (i + 1) % accum == 0 or i + 1 == eng.batches_per_epoch, batch
 
 
+def forward_backward(
+    ctx: DistContext, cfg: Config, eng: Engine, batch: Any, sync: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One micro-batch: (detached loss, number of correct predictions, batch size)."""
+    try:
+        b = batch.to(ctx.device)
+        x = eng.normalizer(b.images)
+        with _no_sync(eng, sync), _autocast(eng, ctx.device):
+            logits = eng.model(x)
+            loss = eng.criterion(logits.float(), b.targets)
+        scaled = loss / cfg.train.accum_steps
+        (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
+    except torch.OutOfMemoryError as e:
+        raise LaunchError(oom_message(ctx, cfg, tuple(batch.images.shape))) from e
+    return loss.detach(), (logits.argmax(1) == b.targets).sum().double(), len(b)
+
+
+def oom_message(ctx: DistContext, cfg: Config, shape: tuple[int, ...]) -> str:
+    """What ran out, how much was in use at the peak, and what to try."""
+    peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.startswith("cuda") else 0
+    total = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device.startswith("cuda") else 0
+    tips = [
+        f"lower data.batch_size (now {cfg.data.batch_size} per rank; train.accum_steps keeps the "
+        "effective batch)"
+    ]
+    if cfg.train.amp == "off":
+        tips.append("set train.amp = 'bf16'")
+    tips.append(f"shrink data.resize/data.crop (batch shape {list(shape)})")
+    return (
+        f"CUDA out of memory on rank {ctx.rank} ({ctx.device}) with data.batch_size "
+        f"{cfg.data.batch_size}: peak {peak / 2**30:.2f} GiB allocated by torch of "
+        f"{total / 2**30:.1f} GiB. Try: " + "; ".join(tips) + "."
+    )
+
+
 def train_epoch(
     ctx: DistContext,
     cfg: Config,
@@ -376,21 +431,10 @@ def train_epoch(
     for sync, batch in micro_batches(eng, prog, cfg.train.accum_steps, bad):
         if len(batch) == 0:
             continue
-        b = batch.to(ctx.device)
-        x = eng.normalizer(b.images)
-        with _no_sync(eng, sync), _autocast(eng, ctx.device):
-            logits = eng.model(x)
-            loss = eng.criterion(logits.float(), b.targets)
-        bad_loss |= ~torch.isfinite(loss.detach())
-        scaled = loss / cfg.train.accum_steps
-        (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
-        n = len(b)
+        loss, hits, n = forward_backward(ctx, cfg, eng, batch, sync)
+        bad_loss |= ~torch.isfinite(loss)
         sums += torch.stack(
-            [
-                loss.detach().double() * n,
-                (logits.argmax(1) == b.targets).sum().double(),
-                torch.tensor(float(n), dtype=torch.float64, device=ctx.device),
-            ]
+            [loss.double() * n, hits, torch.tensor(float(n), dtype=torch.float64, device=ctx.device)]
         )
         steps.add(loss, n)
         prog.batch_in_epoch += 1
@@ -533,6 +577,7 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv)
     mgr = ck.CheckpointManager(checkpoint_folder(cfg, run_dir), cfg.checkpoint.keep_last)
     preflight(ctx, mgr)
     path = resume_path(cfg, mgr.folder)
+    seed_process(derive_seed(cfg.run.seed, STEPS, ctx.rank))  # dropout etc.; a resume restores it
     prog = resume(ctx, cfg, eng, path, classes) if path else Progress()
     if ctx.is_main:
         write_class_map(classes, run_dir / "classes.json")

@@ -48,6 +48,11 @@ def test_set_overrides_are_typed_like_the_field() -> None:
     assert load_config(None, ["launch.gpus=[2, 3]"]).launch.gpus == (2, 3)
 
 
+def test_set_on_a_text_field_keeps_the_text() -> None:
+    cfg = load_config(None, ["run.name=nan", "run.out_dir=2024", "checkpoint.resume=auto"])
+    assert cfg.run.name == "nan" and cfg.run.out_dir == "2024" and cfg.checkpoint.resume == "auto"
+
+
 def test_set_wins_over_the_file(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text("[run]\nseed = 3\n")
