@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument(
         "what",
-        choices=["launch", "data"],
-        help="launch: start-up vs torchrun; data: loader and stats throughput",
+        choices=["launch", "data", "overhead"],
+        help="launch: start-up vs torchrun; data: loader and stats throughput; "
+        "overhead: train step time vs a bare DDP loop",
     )
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--nproc", type=int, default=2, help="launch: processes")
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
     bench.add_argument("--batch", type=int, default=8, help="data: batch size")
     bench.add_argument("--size", type=int, default=1024, help="data: the recipe's Resize((S, S))")
+    bench.add_argument("--steps", type=int, default=40, help="overhead: timed steps per launch")
     return parser
 
 

@@ -131,6 +131,10 @@ def main_bench(args: argparse.Namespace, cfg: Config) -> int:
         from distrib.bench_data import main_bench_data
 
         return main_bench_data(args, out)
+    if args.what == "overhead":
+        from distrib.bench_overhead import main_bench_overhead
+
+        return main_bench_overhead(args, out)
     with tempfile.TemporaryDirectory() as scratch:
         times = bench_launch(args.nproc, args.repeats, Path(scratch))
     rows = summarise(times, "torchrun_minimal")

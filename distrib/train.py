@@ -105,7 +105,8 @@ class Engine:
 
 
 def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, std: tuple) -> Engine:
-    d, t, o = cfg.data, cfg.train, cfg.optim
+    """Loaders from the split, then the model and its optimizer (see :func:`assemble`)."""
+    d = cfg.data
     common = dict(
         seed=cfg.run.seed,
         batch_size=d.batch_size,
@@ -116,21 +117,34 @@ def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, s
     train = build_loader(split.train, train_transform(d), ctx, train=True, sampler=d.sampler, **common)
     val = build_loader(split.val, eval_transform(d), ctx, train=False, **common)
     check_batch_fits(ctx, cfg, len(train.sampler), len(split.train))
+    return assemble(ctx, cfg, len(split.classes), train, val, mean, std)
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def assemble(
+    ctx: DistContext, cfg: Config, num_classes: int, train: Any, val: Any, mean: tuple, std: tuple
+) -> Engine:
+    """Model (wrapped for the parallel mode), optimizer, schedule, AMP, normaliser.
+
+    ``train``/``val`` are ImageLoaders, or anything with ``epoch(e)``, ``sampler`` and
+    ``loader.batch_size`` (the overhead benchmark feeds in-memory batches).
+    """
+    t, o = cfg.train, cfg.optim
     # seeded right here: whatever ran before (stats, caches) must not change the init
     seed_process(derive_seed(cfg.run.seed, INIT))
-    bare = build_model(cfg.model, len(split.classes)).to(ctx.device)
-    if d.channels_last:
+    bare = build_model(cfg.model, num_classes).to(ctx.device)
+    if cfg.data.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
     mode = resolve_mode(cfg.parallel.mode, ctx)
     model = wrap(bare, ctx, mode, cfg.parallel.sync_bn)
-    bare = unwrap(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
-        )
-    else:
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    opt = make_optimizer(cfg, model)
     batches = len(train)
     steps_per_epoch = math.ceil(batches / t.accum_steps)
     total = max(1, steps_per_epoch * t.epochs)
@@ -143,11 +157,11 @@ def build_engine(ctx: DistContext, cfg: Config, split: DataSplit, mean: tuple, s
         log.warning("train.amp = %r needs CUDA; training in float32 on the CPU", t.amp)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if cuda else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    norm = Normalizer(mean, std, ctx.device, channels_last=d.channels_last, reuse=True)
+    norm = Normalizer(mean, std, ctx.device, channels_last=cfg.data.channels_last, reuse=True)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     return Engine(
         model,
-        bare,
+        unwrap(model),
         opt,
         sched,
         scaler,
@@ -287,15 +301,19 @@ def _no_sync(eng: Engine, sync: bool) -> contextlib.AbstractContextManager:
 def optimizer_step(
     ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, bad_loss: torch.Tensor
 ) -> None:
-    """Unscale, check for non-finite values on every rank at once, clip, step."""
+    """Unscale, stop on non-finite gradients, clip, step.
+
+    No extra collective is needed for a consistent stop: under DDP the gradients are
+    already averaged over ranks, so a NaN loss on any rank makes the gradient norm
+    non-finite on every rank at the same step. With fp16 the GradScaler owns overflow
+    (it skips the step and lowers the scale on every rank alike), so only bf16/fp32 stop.
+    """
     if eng.scaler:
         eng.scaler.unscale_(eng.optimizer)
     grads = [p.grad for p in eng.model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=ctx.device)
-    flags = torch.stack([bad_loss.float(), (~torch.isfinite(norm)).float() * (eng.scaler is None)])
-    all_reduce_sum(ctx, flags)
-    if flags.sum().item() > 0:
-        raise_non_finite(ctx, prog, eng, bool(bad_loss.item()))
+    if eng.scaler is None and not bool(torch.isfinite(norm)):
+        raise_non_finite(ctx, prog, eng, bool(bad_loss))
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, cfg.train.grad_clip, norm)
     if eng.scaler:
