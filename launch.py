@@ -257,6 +257,8 @@ def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
     """Worker (under torchrun/SLURM/alone) or launcher (with --nproc-per-node)."""
     nproc = getattr(args, "nproc_per_node", None)
     spawning = nproc is not None and not is_worker_env(os.environ)
+    if cfg.run.deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS reads it when CUDA starts
     plan, applied, inventory = prepare_devices(cfg, need_inventory=spawning)
     if spawning:
         sp = spawn_plan(args, cfg, plan, inventory)

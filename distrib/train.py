@@ -299,7 +299,7 @@ def _no_sync(eng: Engine, sync: bool) -> contextlib.AbstractContextManager:
 
 
 def optimizer_step(
-    ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, bad_loss: torch.Tensor
+    ctx: DistContext, cfg: Config, eng: Engine, prog: Progress, loss_sum: torch.Tensor
 ) -> None:
     """Unscale, stop on non-finite gradients, clip, step.
 
@@ -313,7 +313,7 @@ def optimizer_step(
     grads = [p.grad for p in eng.model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=ctx.device)
     if eng.scaler is None and not bool(torch.isfinite(norm)):
-        raise_non_finite(ctx, prog, eng, bool(bad_loss))
+        raise_non_finite(ctx, prog, eng, not bool(torch.isfinite(loss_sum)))
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, cfg.train.grad_clip, norm)
     if eng.scaler:
@@ -337,28 +337,37 @@ def raise_non_finite(ctx: DistContext, prog: Progress, eng: Engine, local: bool)
 
 
 class StepLog:
-    """Rank 0's progress line and steps.csv, every ``train.log_every`` optimizer steps."""
+    """Rank 0's progress line and steps.csv, every ``train.log_every`` optimizer steps.
+
+    It adds nothing to a step: the window's loss is the difference of the epoch's running
+    sums between two log points, reduced across ranks only at those points.
+    """
 
     def __init__(self, ctx: DistContext, cfg: Config, run_dir: Path, eng: Engine, total_steps: int):
         self.ctx, self.every, self.total = ctx, cfg.train.log_every, total_steps
         self.epochs = cfg.train.epochs
-        self.window = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss*n, n
         self.t0 = self.tw = time.perf_counter()
         self.start_step: int | None = None
         self.path = run_dir / "steps.csv"
         self.eng = eng
+        self.prev = [0.0, 0.0]  # global loss*n and n at the last log point of this epoch
 
-    def add(self, loss: torch.Tensor, n: int) -> None:
-        self.window[0] += loss.detach().double() * n
-        self.window[1] += n
+    def _global(self, loss_sum: torch.Tensor, count: int) -> list[float]:
+        t = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)])
+        return all_reduce_sum(self.ctx, t).tolist()
 
-    def step(self, prog: Progress) -> None:
+    def start_epoch(self, loss_sum: torch.Tensor, count: int) -> None:
+        """Called when an epoch (re)starts: the window begins at the epoch's current sums."""
+        self.prev = self._global(loss_sum, count) if count else [0.0, 0.0]
+
+    def step(self, prog: Progress, loss_sum: torch.Tensor, count: int) -> None:
         if self.start_step is None:
             self.start_step = prog.global_step - 1
         if prog.global_step % self.every:
             return
-        w = all_reduce_sum(self.ctx, self.window.clone()).tolist()
-        self.window.zero_()
+        now_sums = self._global(loss_sum, count)
+        w = [now_sums[0] - self.prev[0], now_sums[1] - self.prev[1]]
+        self.prev = now_sums
         now = time.perf_counter()
         rate = w[1] / max(now - self.tw, 1e-9)
         self.tw = now
@@ -406,11 +415,11 @@ def forward_backward(
         with _no_sync(eng, sync), _autocast(eng, ctx.device):
             logits = eng.model(x)
             loss = eng.criterion(logits.float(), b.targets)
-        scaled = loss / cfg.train.accum_steps
+        scaled = loss / cfg.train.accum_steps if cfg.train.accum_steps > 1 else loss
         (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
     except torch.OutOfMemoryError as e:
         raise LaunchError(oom_message(ctx, cfg, tuple(batch.images.shape))) from e
-    return loss.detach(), (logits.argmax(1) == b.targets).sum().double(), len(b)
+    return loss.detach(), (logits.argmax(1) == b.targets).sum(), len(b)
 
 
 def oom_message(ctx: DistContext, cfg: Config, shape: tuple[int, ...]) -> str:
@@ -443,34 +452,33 @@ def train_epoch(
 ) -> bool:
     """One (possibly resumed) epoch; False when train.max_steps stopped it midway."""
     eng.model.train()
-    sums = torch.tensor(prog.epoch_sums, dtype=torch.float64, device=ctx.device)
-    bad_loss = torch.zeros((), dtype=torch.bool, device=ctx.device)
+    # running sums stay on the device (no sync per step); a non-finite loss shows in loss_sum
+    loss_sum, hit_sum = (torch.tensor(v, dtype=torch.float64, device=ctx.device) for v in prog.epoch_sums[:2])
+    count = int(prog.epoch_sums[2])
+    steps.start_epoch(loss_sum, count)
     start = time.perf_counter()
     for sync, batch in micro_batches(eng, prog, cfg.train.accum_steps, bad):
         if len(batch) == 0:
             continue
         loss, hits, n = forward_backward(ctx, cfg, eng, batch, sync)
-        bad_loss |= ~torch.isfinite(loss)
-        sums += torch.stack(
-            [loss.double() * n, hits, torch.tensor(float(n), dtype=torch.float64, device=ctx.device)]
-        )
-        steps.add(loss, n)
+        loss_sum.add_(loss, alpha=n)
+        hit_sum.add_(hits)
+        count += n
         prog.batch_in_epoch += 1
         if not sync:
             continue
-        optimizer_step(ctx, cfg, eng, prog, bad_loss)
-        bad_loss.zero_()
-        steps.step(prog)
+        optimizer_step(ctx, cfg, eng, prog, loss_sum)
+        steps.step(prog, loss_sum, count)
         every = cfg.checkpoint.every_steps
         if every and prog.global_step % every == 0 and prog.batch_in_epoch < eng.batches_per_epoch:
-            prog.epoch_sums = sums.tolist()
+            prog.epoch_sums = [loss_sum.item(), hit_sum.item(), float(count)]
             prog.epoch_seconds += time.perf_counter() - start
             start = time.perf_counter()
             save(ctx, cfg, eng, prog, mgr, classes, best=False)
         if cfg.train.max_steps and prog.global_step >= cfg.train.max_steps:
             break
     prog.epoch_seconds += time.perf_counter() - start
-    prog.epoch_sums = sums.tolist()
+    prog.epoch_sums = [loss_sum.item(), hit_sum.item(), float(count)]
     return prog.batch_in_epoch >= eng.batches_per_epoch
 
 

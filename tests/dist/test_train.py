@@ -197,3 +197,16 @@ def test_one_class_is_refused(tmp_path: Path) -> None:
                  f"data.images={tmp_path / 'one' / 'images'}", "--set", f"data.cache_dir={tmp_path / 'c'}",
                  "--set", f"run.out_dir={tmp_path}")
     assert res.returncode == 2 and "single class" in res.stderr
+
+
+def test_accumulation_matches_the_larger_batch_and_resume_auto(demo: Path, tmp_path: Path) -> None:
+    """2 micro-batches of B with accumulation == one batch of 2B; resume auto picks the newest."""
+    big = launch("train", *tiny(demo, tmp_path, "big", "data.batch_size=16", "train.max_steps=4"))
+    acc = launch("train", *tiny(demo, tmp_path, "acc", "data.batch_size=8", "train.accum_steps=2",
+                                "train.max_steps=4", "run.deterministic=true"))
+    assert big.returncode == 0 and acc.returncode == 0, acc.stderr[-2000:]
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    again = launch("train", *tiny(demo, tmp_path, "acc", "data.batch_size=8", "train.accum_steps=2",
+                                  "train.max_steps=6"), "--resume", "auto")
+    assert again.returncode == 0 and "ckpt-00000004.pt at epoch 0, batch 8, step 4" in again.stderr

@@ -1,0 +1,139 @@
+"""Engine pieces that need no processes: schedule, checkpoints, modes, models, messages."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distrib import checkpoint as ck
+from distrib.config import load_config
+from distrib.context import DistContext
+from distrib.errors import LaunchError
+from distrib.models import SmallCNN, build_model
+from distrib.parallel import resolve_mode, unwrap, wrap
+from distrib.train import check_batch_fits, lr_factor, oom_message
+
+
+def test_lr_schedules() -> None:
+    assert [lr_factor(s, 100, 4, "cosine", 10, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 100, 4, "cosine", 10, 0.1) == 1.0
+    assert lr_factor(100, 100, 4, "cosine", 10, 0.1) == pytest.approx(0.0)
+    assert lr_factor(52, 100, 4, "cosine", 10, 0.1) == pytest.approx(0.5)
+    assert lr_factor(13, 100, 0, "step", 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(99, 100, 0, "constant", 10, 0.1) == 1.0
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = ck.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    ck.save_atomic({"rng": state}, tmp_path / "x.pt")
+    loaded = torch.load(tmp_path / "x.pt", weights_only=True)["rng"]
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    ck.set_rng_state(loaded)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def _fake_ckpt(step: int) -> dict:
+    return {
+        "format": 1,
+        "model": {"w": torch.full((2,), float(step))},
+        "model_name": "small_cnn",
+        "classes": ["a", "b"],
+    }
+
+
+def test_manager_keeps_the_last_k_and_best(tmp_path: Path) -> None:
+    mgr = ck.CheckpointManager(tmp_path / "c", keep_last=2)
+    mgr.check_writable()
+    for step in (3, 6, 9, 12):
+        mgr.save(_fake_ckpt(step), step, best=step == 6)
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert names == ["best.pt", "ckpt-00000009.pt", "ckpt-00000012.pt"]
+    assert ck.latest(tmp_path / "c").name == "ckpt-00000012.pt"
+    assert ck.load_checkpoint(tmp_path / "c" / "best.pt")["model"]["w"][0] == 6
+    assert ck.latest(tmp_path / "absent") is None
+
+
+def test_atomic_save_leaves_the_old_file_when_writing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ckpt-00000001.pt"
+    ck.save_atomic(_fake_ckpt(1), path)
+
+    def broken(*a: object, **k: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        ck.save_atomic(_fake_ckpt(2), path)
+    assert ck.load_checkpoint(path)["model"]["w"][0] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_corrupt_foreign_and_missing_checkpoints(tmp_path: Path) -> None:
+    ck.save_atomic(_fake_ckpt(1), tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(LaunchError, match="corrupt or truncated"):
+        ck.load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(LaunchError, match="not a launch.py checkpoint"):
+        ck.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(LaunchError, match="does not exist"):
+        ck.load_checkpoint(tmp_path / "none.pt")
+
+
+def test_compatibility_names_both_sides() -> None:
+    c = _fake_ckpt(1)
+    with pytest.raises(LaunchError, match="holds model 'small_cnn', this run builds 'resnet18'"):
+        ck.check_compatible(c, "resnet18", ("a", "b"), Path("x.pt"))
+    with pytest.raises(LaunchError, match="trained on 2 classes"):
+        ck.check_compatible(c, "small_cnn", ("a", "b", "c"), Path("x.pt"))
+    ck.check_compatible(c, "small_cnn", ("a", "b"), Path("x.pt"))
+
+
+def test_parallel_modes() -> None:
+    one, two = DistContext(), DistContext(rank=0, world_size=2, local_world_size=2)
+    assert resolve_mode("auto", one) == "none" and resolve_mode("auto", two) == "ddp"
+    assert resolve_mode("ddp", one) == "none"
+    with pytest.raises(LaunchError, match="DataParallel"):
+        resolve_mode("dp", two)
+    model = SmallCNN(3, 4)
+    dp = wrap(model, one, "dp")
+    assert isinstance(dp, torch.nn.DataParallel) and unwrap(dp) is model
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(dp(x), model(x))  # on CPU a plain call
+
+
+def test_models_by_name_and_local_weights(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.name=resnet18"]).model
+    net = build_model(cfg, 7)
+    assert net.fc.out_features == 7
+    with pytest.raises(LaunchError, match="did you mean resnet18"):
+        build_model(load_config(None, ["model.name=resnet19"]).model, 3)
+    src = SmallCNN(10, 8)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    got = build_model(load_config(None, ["model.width=8", f"model.weights={tmp_path / 'w.pt'}"]).model, 3)
+    assert torch.equal(got.features[0].weight, src.features[0].weight)  # body loaded
+    assert got.head.out_features == 3  # another head stays fresh
+    with pytest.raises(LaunchError, match="never downloaded"):
+        build_model(load_config(None, [f"model.weights={tmp_path / 'none.pt'}"]).model, 3)
+
+
+def test_messages_for_oom_and_batch_size() -> None:
+    cfg = load_config(None, ["data.batch_size=64"])
+    msg = oom_message(DistContext(), cfg, (64, 3, 1024, 1024))
+    assert "data.batch_size 64" in msg and "bf16" in msg and "[64, 3, 1024, 1024]" in msg
+    with pytest.raises(LaunchError, match="larger than this rank's shard of 40"):
+        check_batch_fits(DistContext(rank=0, world_size=2, local_world_size=2), cfg, 40, 80)
