@@ -1,13 +1,14 @@
 """``launch.py bench overhead``: per-step time of our training loop vs a bare DDP loop.
 
-Both sides run as 2 gloo ranks under torchrun, with the same model (small_cnn), the same
-in-memory uint8 data (so no data loading on either side), the same batch and optimizer.
-"ours" is the engine's real ``train_epoch`` (normalisation, autocast/no_sync contexts,
-gradient-norm check, metric sums, step logging); "bare" is the loop a person writes by
-hand. Launches alternate bare/ours; each reports the median step time after warm-up,
-and the ratio of medians is the overhead.
+Both loops run in the same 2 gloo ranks under one torchrun launch, with the same model
+(small_cnn), the same in-memory uint8 data (no data loading on either side), the same
+batch and optimizer. "ours" is the engine's real ``train_epoch`` (normalisation,
+autocast/no_sync contexts, gradient-norm check, metric sums, step logging); "bare" is the
+loop a person writes by hand. They alternate in blocks of STEPS steps for ROUNDS rounds
+(after a warm-up round), so machine noise hits both alike; the ratio of the medians of
+all per-step times is the overhead.
 
-Run as a script by torchrun: ``python distrib/bench_overhead.py bare|ours STEPS BATCH OUT``.
+Run as a script by torchrun: ``python distrib/bench_overhead.py ROUNDS STEPS BATCH OUT``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-WARMUP = 5
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
@@ -39,25 +39,19 @@ def _data(n: int, size: int, classes: int = 4):
     )
 
 
-def bare_loop(steps: int, batch: int) -> list[float]:
+def bare_block(
+    model: Any, opt: Any, data: tuple, rank: int, world: int, steps: int, batch: int
+) -> list[float]:
     """The hand-written DDP loop: index, normalise, forward, backward, step."""
     import torch
-    import torch.distributed as dist
     from torch import nn
 
-    from distrib.models import SmallCNN
-
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    images, targets = _data(batch * world * (steps + WARMUP), 32)
-    torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(SmallCNN(4, 16, True))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    images, targets = data
     mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD).view(1, 3, 1, 1) * 255
     crit = nn.CrossEntropyLoss()
     stamps = [time.perf_counter()]
-    for k in range(steps + WARMUP):
+    for k in range(steps):
         idx = torch.arange(rank, batch * world, world) + k * batch * world
         x = (images[idx].float() - mean) / std
         loss = crit(model(x), targets[idx])
@@ -65,9 +59,7 @@ def bare_loop(steps: int, batch: int) -> list[float]:
         loss.backward()
         opt.step()
         stamps.append(time.perf_counter())
-    del model, opt  # DDP's reducer must go before its process group
-    dist.destroy_process_group()
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP:]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
 
 
 @dataclass
@@ -82,8 +74,8 @@ class _MemorySampler:
 class MemoryLoader:
     """The engine's loader interface over in-memory batches (the same ones bare sees)."""
 
-    def __init__(self, rank: int, world: int, steps: int, batch: int):
-        self.images, self.targets = _data(batch * world * steps, 32)
+    def __init__(self, data: tuple, rank: int, world: int, steps: int, batch: int):
+        self.images, self.targets = data
         self.rank, self.world, self.steps, self.batch = rank, world, steps, batch
         self.sampler = _MemorySampler()
         self.loader = argparse.Namespace(batch_size=batch)
@@ -101,13 +93,34 @@ class MemoryLoader:
             yield Batch(self.images[idx], self.targets[idx], idx)
 
 
-def our_loop(steps: int, batch: int) -> list[float]:
-    """The engine's ``train_epoch`` on the same data, timing every optimizer step."""
+def our_block(ctx: Any, cfg: Any, eng: Any, steps: int) -> list[float]:
+    """The engine's own ``train_epoch`` over one block, timing every optimizer step."""
+    from distrib import train as engine
+
+    stamps: list[float] = []
+
+    class Timed(engine.StepLog):
+        def step(self, prog: engine.Progress, *sums: object) -> None:
+            stamps.append(time.perf_counter())
+            super().step(prog, *sums)  # type: ignore[arg-type]
+
+    log_to = Timed(ctx, cfg, Path(tempfile.gettempdir()), eng, steps)  # log_every is huge: never writes
+    stamps.append(time.perf_counter())
+    engine.train_epoch(ctx, cfg, eng, engine.Progress(), log_to, None, (), [])  # type: ignore[arg-type]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
+
+
+def worker(argv: list[str]) -> int:
+    """Both loops in the same two processes, in alternating blocks (paired timing)."""
+    import torch
+
     from distrib import train as engine
     from distrib.config import load_config
     from distrib.context import DistContext
+    from distrib.models import SmallCNN
     from distrib.process_group import process_group
 
+    rounds, steps, batch, out = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
     ctx = DistContext.from_env(os.environ)
     cfg = load_config(
         None,
@@ -119,74 +132,58 @@ def our_loop(steps: int, batch: int) -> list[float]:
             "checkpoint.every_epoch=false",
         ],
     )
+    times: dict[str, list[float]] = {"bare_ddp": [], "launch_py": []}
     with process_group(ctx, 120):
-        loader = MemoryLoader(ctx.rank, ctx.world_size, steps + WARMUP, batch)
+        data = _data(batch * ctx.world_size * steps, 32)
+        loader = MemoryLoader(data, ctx.rank, ctx.world_size, steps, batch)
         eng = engine.assemble(ctx, cfg, 4, loader, loader, MEAN, STD)
-        stamps: list[float] = []
-
-        class Timed(engine.StepLog):
-            def step(self, prog: engine.Progress) -> None:
-                stamps.append(time.perf_counter())
-                super().step(prog)
-
-        steps_log = Timed(ctx, cfg, Path(tempfile.gettempdir()), eng, steps + WARMUP)  # never writes
-        prog = engine.Progress()
-        stamps.append(time.perf_counter())
-        engine.train_epoch(ctx, cfg, eng, prog, steps_log, None, (), [])  # type: ignore[arg-type]
-        del eng, steps_log  # DDP's reducer must go before its process group
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP:]
-
-
-def worker(argv: list[str]) -> int:
-    mode, steps, batch, out = argv[0], int(argv[1]), int(argv[2]), argv[3]
-    times = bare_loop(steps, batch) if mode == "bare" else our_loop(steps, batch)
-    if int(os.environ.get("RANK", "0")) == 0:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(SmallCNN(4, 16, True))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        for r in range(rounds + 1):  # round 0 warms both up and is not kept
+            for name in ("bare_ddp", "launch_py") if r % 2 else ("launch_py", "bare_ddp"):
+                if name == "bare_ddp":
+                    t = bare_block(model, opt, data, ctx.rank, ctx.world_size, steps, batch)
+                else:
+                    t = our_block(ctx, cfg, eng, steps)
+                if r:
+                    times[name] += t
+        del eng, model, opt  # DDP reducers must go before their process group
+    if ctx.is_main:
         Path(out).write_text(json.dumps(times))
     return 0
 
 
-def launch_once(mode: str, steps: int, batch: int, scratch: Path) -> float:
+def launch_once(rounds: int, steps: int, batch: int, scratch: Path) -> dict[str, list[float]]:
+    """One torchrun launch of 2 gloo ranks running both loops; rank 0's step times."""
     from distrib.bench import torchrun_cmd
     from distrib.errors import LaunchError
 
-    out = scratch / f"{mode}.json"
+    out = scratch / "times.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    cmd = [
-        *torchrun_cmd(),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        mode,
-        str(steps),
-        str(batch),
-        str(out),
-    ]
+    args = [str(rounds), str(steps), str(batch), str(out)]
+    cmd = [*torchrun_cmd(), "--standalone", "--nproc_per_node", "2", __file__, *args]
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
-        raise LaunchError(f"overhead benchmark ({mode}) failed:\n{res.stderr[-3000:]}")
-    return statistics.median(json.loads(out.read_text()))
+        raise LaunchError(f"overhead benchmark failed:\n{res.stderr[-3000:]}")
+    return json.loads(out.read_text())
 
 
 def main_bench_overhead(args: argparse.Namespace, out: Path) -> int:
+    """``launch.py bench overhead``: --repeats rounds of --steps steps per loop, --batch per rank."""
     from distrib.bench import markdown_table, summarise, write_results
 
-    times: dict[str, list[float]] = {"bare_ddp": [], "launch_py": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
-            order = ["bare", "ours"] if i % 2 == 0 else ["ours", "bare"]
-            for mode in order:
-                t = launch_once(mode, args.steps, args.batch, Path(tmp))
-                times["bare_ddp" if mode == "bare" else "launch_py"].append(t)
+        times = launch_once(args.repeats, args.steps, args.batch, Path(tmp))
     rows = summarise(times, "bare_ddp")
     ratio = float(rows[1]["ratio_vs_bare_ddp"])  # type: ignore[arg-type]
     meta = {
         "what": "overhead",
         "ranks": 2,
-        "steps": args.steps,
-        "batch": args.batch,
-        "repeats": args.repeats,
-        "unit": "median seconds per optimizer step",
+        "steps_per_block": args.steps,
+        "batch_per_rank": args.batch,
+        "rounds": args.repeats,
+        "unit": "seconds per optimizer step (every step of every round)",
         "overhead": ratio - 1,
     }
     write_results(out, rows, times, meta)

@@ -295,3 +295,12 @@ def test_static_master_port_spawn(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert_world(rank_reports(tmp_path), 2)
     assert "--rdzv-backend static" in res.stderr
+
+
+def test_bench_overhead_smoke(tmp_path: Path) -> None:
+    res = launch("bench", "overhead", "--repeats", "1", "--steps", "3", "--batch", "4",
+                 "--set", f"run.out_dir={tmp_path}", "--set", "run.name=o", timeout=170)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "o" / "bench.json").read_text())
+    assert [r["variant"] for r in data["summary"]] == ["bare_ddp", "launch_py"]
+    assert all(r["median_s"] > 0 for r in data["summary"]) and "per-step overhead" in res.stdout
