@@ -39,6 +39,20 @@ def organized_root(ctx: DistContext, data: DataSection) -> Path:
     return out
 
 
+def ensure_demo_data(ctx: DistContext, data: DataSection) -> None:
+    """data.synthetic: write the demo set where data.csv points, once per node, if absent."""
+    if not (data.synthetic and data.csv) or Path(data.csv).exists():
+        return
+    if ctx.local_rank == 0:
+        from datasets.synthetic import write_synthetic
+
+        log.info(
+            "writing the demo dataset (%d images per class) to %s", data.synthetic, Path(data.csv).parent
+        )
+        write_synthetic(Path(data.csv).parent, per_class=data.synthetic, csv_name=Path(data.csv).name)
+    barrier(ctx)
+
+
 def data_root(ctx: DistContext, data: DataSection) -> Path:
     if data.root:
         return Path(data.root)
@@ -55,6 +69,7 @@ def data_root(ctx: DistContext, data: DataSection) -> Path:
 def build_split(ctx: DistContext, cfg: Config) -> DataSplit:
     """Scan the data and split it, identically on every rank and in every run."""
     data = cfg.data
+    ensure_demo_data(ctx, data)
     root = data_root(ctx, data)
     full = scan_imagefolder(root)
     if len(full.classes) < 2:

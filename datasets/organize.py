@@ -63,7 +63,7 @@ def read_labels(csv: str | Path, file_col: str, label_col: str) -> list[tuple[st
 
     path = Path(csv)
     if not path.is_file():
-        raise LaunchError(f"label CSV {csv} does not exist; pass --csv PATH")
+        raise LaunchError(f"label CSV {csv} does not exist (--csv / data.csv)")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
@@ -290,7 +290,7 @@ def organize(
         raise LaunchError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     images, out = Path(images), Path(out)
     if not images.is_dir():
-        raise LaunchError(f"images folder {images} does not exist; pass --images DIR")
+        raise LaunchError(f"images folder {images} does not exist (--images / data.images)")
     if out.is_dir() and not dry_run:
         cleanup_temporaries(out)  # partial copies of a killed run; they replaced nothing
     plan = plan_organize(read_labels(csv, file_col, label_col), images, out)

@@ -31,7 +31,6 @@ from datasets.build import DataSplit, build_split
 from datasets.commands import normalization, write_bad_images, write_preview
 from datasets.folder import write_class_map
 from datasets.loader import ImageLoader, build_loader
-from datasets.synthetic import write_synthetic
 from datasets.transforms import Normalizer, eval_transform, train_transform
 from distrib import checkpoint as ck
 from distrib.config import Config
@@ -57,19 +56,6 @@ def set_determinism(cfg: Config) -> None:
     torch.backends.cudnn.deterministic = det
     torch.backends.cudnn.benchmark = not det
     torch.use_deterministic_algorithms(det)
-
-
-def prepare_split(ctx: DistContext, cfg: Config) -> DataSplit:
-    """Write the demo data if configured and absent (once per node), then split."""
-    data = cfg.data
-    if data.synthetic and data.csv and not Path(data.csv).exists():
-        if ctx.local_rank == 0:
-            log.info(
-                "writing the demo dataset (%d images per class) to %s", data.synthetic, Path(data.csv).parent
-            )
-            write_synthetic(Path(data.csv).parent, per_class=data.synthetic, csv_name=Path(data.csv).name)
-        barrier(ctx)
-    return build_split(ctx, cfg)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, step_every: int, gamma: float) -> float:
@@ -596,7 +582,7 @@ def preflight(ctx: DistContext, mgr: ck.CheckpointManager) -> None:
 def train_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv) -> int:
     """``launch.py train``: the whole run, rank 0 writing the run directory."""
     set_determinism(cfg)
-    split = prepare_split(ctx, cfg)
+    split = build_split(ctx, cfg)
     mean, std = normalization(ctx, cfg, split)
     classes = split.classes
     eng = build_engine(ctx, cfg, split, mean, std)

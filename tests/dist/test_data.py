@@ -108,5 +108,6 @@ def test_data_commands_bad_input(tmp_path: Path) -> None:
                  "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "columns found: 'image', 'cls'" in res.stderr
     assert "Traceback" not in res.stderr
-    res = launch("preview", "--set", f"run.out_dir={tmp_path}")
+    (tmp_path / "empty.toml").write_text("")
+    res = launch("preview", "--config", str(tmp_path / "empty.toml"), "--set", f"run.out_dir={tmp_path}")
     assert res.returncode == 2 and "no data configured" in res.stderr
