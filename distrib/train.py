@@ -296,12 +296,13 @@ def optimizer_step(
     """
     if eng.scaler:
         eng.scaler.unscale_(eng.optimizer)
-    grads = [p.grad for p in eng.model.parameters() if p.grad is not None]
+    params = [p for p in eng.model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=ctx.device)
     if eng.scaler is None and not bool(torch.isfinite(norm)):
         raise_non_finite(ctx, prog, eng, not bool(torch.isfinite(loss_sum)))
     if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, cfg.train.grad_clip, norm)
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.train.grad_clip, norm)
     if eng.scaler:
         eng.scaler.step(eng.optimizer)
         eng.scaler.update()

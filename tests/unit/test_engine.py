@@ -114,6 +114,8 @@ def test_parallel_modes() -> None:
     assert isinstance(dp, torch.nn.DataParallel) and unwrap(dp) is model
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(dp(x), model(x))  # on CPU a plain call
+    with pytest.raises(LaunchError, match="sync_bn needs CUDA"):
+        wrap(model, two, "ddp", sync_bn=True)
 
 
 def test_models_by_name_and_local_weights(tmp_path: Path) -> None:
@@ -129,6 +131,21 @@ def test_models_by_name_and_local_weights(tmp_path: Path) -> None:
     assert got.head.out_features == 3  # another head stays fresh
     with pytest.raises(LaunchError, match="never downloaded"):
         build_model(load_config(None, [f"model.weights={tmp_path / 'none.pt'}"]).model, 3)
+
+
+def test_grad_clip_bounds_the_update() -> None:
+    from types import SimpleNamespace
+    from unittest.mock import Mock
+
+    from distrib.train import Progress, make_optimizer, optimizer_step
+
+    model = torch.nn.Linear(4, 1, bias=False)
+    model.weight.grad = torch.full((1, 4), 100.0)
+    cfg = load_config(None, ["optim.momentum=0", "optim.weight_decay=0", "optim.lr=1", "train.grad_clip=1"])
+    eng = SimpleNamespace(model=model, scaler=None, optimizer=make_optimizer(cfg, model), scheduler=Mock())
+    before = model.weight.detach().clone()
+    optimizer_step(DistContext(), cfg, eng, Progress(), torch.zeros((), dtype=torch.float64))
+    assert torch.linalg.norm(model.weight - before).item() == pytest.approx(1.0, rel=1e-5)
 
 
 def test_messages_for_oom_and_batch_size() -> None:
