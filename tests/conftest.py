@@ -90,6 +90,31 @@ def run(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_many(jobs: Sequence[tuple[Sequence[str], dict[str, str]]], timeout: float = 150) -> list:
+    """Start several commands at once (nodes, SLURM tasks), wait for all, kill stragglers."""
+    procs = [
+        subprocess.Popen(
+            list(cmd),
+            env=env,
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for cmd, env in jobs
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [
+        subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)
+    ]
+
+
 def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 90):
     return run([sys.executable, LAUNCH, *args], env=env, timeout=timeout)
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_NVML, LAUNCH, PROBE, REPO, clean_env, free_port, launch, pid_alive, rank_reports, run
+from conftest import run_many, FAKE_NVML, LAUNCH, PROBE, REPO, clean_env, free_port, launch, pid_alive, rank_reports, run
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -70,20 +70,10 @@ def test_two_nodes_on_one_machine_form_one_world_of_four(tmp_path: Path) -> None
     common = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "twonodes",
               "--local-addr", "127.0.0.1"]
-    procs = []
-    for node in (0, 1):
-        cmd = [*common, "--node-rank", str(node), LAUNCH, "check",
-               "--set", f"run.out_dir={tmp_path}", "--set", "run.name=two-nodes"]
-        procs.append(subprocess.Popen(cmd, env=clean_env(), cwd=REPO, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      start_new_session=True))
-    try:
-        outs = [p.communicate(timeout=150) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs
+    jobs = [([*common, "--node-rank", str(node), LAUNCH, "check", "--set", f"run.out_dir={tmp_path}",
+              "--set", "run.name=two-nodes"], clean_env()) for node in (0, 1)]
+    results = run_many(jobs)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     reports = rank_reports(tmp_path)
     assert_world(reports, 4)
     assert sorted(r["node_rank"] for r in reports) == [0, 0, 1, 1]
@@ -266,23 +256,13 @@ def test_bench_launch_writes_a_same_run_comparison(tmp_path: Path) -> None:
 def test_slurm_tasks_form_one_world(tmp_path: Path) -> None:
     """Two processes started the way srun starts them: only SLURM_* variables."""
     port = free_port()
-    procs = []
-    for task in (0, 1):
-        env = clean_env(SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NODEID="0",
-                        SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="2", SLURM_JOB_ID="42",
-                        SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(
-            [sys.executable, LAUNCH, "check", "--set", f"run.out_dir={tmp_path}",
-             "--set", "run.name=slurm", "--set", "dist.timeout_s=60"],
-            env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True))
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs
+    cmd = [sys.executable, LAUNCH, "check", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=slurm",
+           "--set", "dist.timeout_s=60"]
+    jobs = [(cmd, clean_env(SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NODEID="0",
+                            SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="2", SLURM_JOB_ID="42",
+                            SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port))) for task in (0, 1)]
+    results = run_many(jobs, timeout=120)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     reports = rank_reports(tmp_path)
     seen = [(r["rank"], r["launcher"], r["all_reduce"]) for r in reports]
     assert seen == [(0, "slurm", 3.0), (1, "slurm", 3.0)]
