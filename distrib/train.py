@@ -237,7 +237,11 @@ def resume_path(cfg: Config, folder: Path) -> Path | None:
     if r == "auto":
         found = ck.latest(folder)
         if found is None:
-            log.info("checkpoint.resume = auto: no checkpoint in %s, starting fresh", folder)
+            log.info(
+                "checkpoint.resume = auto: no checkpoint in %s, starting fresh (resuming a run "
+                "needs the same run.name)",
+                folder,
+            )
         return found
     return Path(r)
 
@@ -406,6 +410,14 @@ def forward_backward(
         (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
     except torch.OutOfMemoryError as e:
         raise LaunchError(oom_message(ctx, cfg, tuple(batch.images.shape))) from e
+    except RuntimeError as e:
+        if "deterministic" not in str(e):
+            raise
+        raise LaunchError(
+            f"run.deterministic = true, but this model uses an operation without a "
+            f"deterministic implementation ({str(e).splitlines()[0]}); set "
+            "run.deterministic = false or change the model"
+        ) from e
     return loss.detach(), (logits.argmax(1) == b.targets).sum(), len(b)
 
 
@@ -471,7 +483,7 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(ctx: DistContext, eng: Engine, num_classes: int) -> dict[str, Any]:
-    """Exact validation: sums over unpadded shards, reduced across ranks."""
+    """Exact validation: sums over unpadded shards, reduced across ranks (None: no val set)."""
     eng.model.eval()
     ce = nn.CrossEntropyLoss(reduction="sum")
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
@@ -495,8 +507,10 @@ def evaluate(ctx: DistContext, eng: Engine, num_classes: int) -> dict[str, Any]:
     all_reduce_sum(ctx, totals)
     all_reduce_sum(ctx, per_class)
     loss, correct, n = totals.tolist()
+    if n == 0:
+        return {"loss": None, "acc": None, "images": 0, "per_class": [None] * num_classes}
     acc = (per_class[0] / per_class[1].clamp(min=1)).tolist()
-    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1), "images": int(n), "per_class": acc}
+    return {"loss": loss / n, "acc": correct / n, "images": int(n), "per_class": acc}
 
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
@@ -547,14 +561,14 @@ def end_of_epoch(
             "per_class": val["per_class"],
         }
     )
+    shown = f"val loss {val['loss']:.4f} acc {val['acc']:.4f}" if val["images"] else "no validation set"
     log.info(
-        "epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
+        "epoch %d/%d train loss %.4f acc %.4f | %s | %.0f img/s",
         prog.epoch + 1,
         cfg.train.epochs,
         loss_n / max(n, 1),
         correct / max(n, 1),
-        val["loss"],
-        val["acc"],
+        shown,
         n / max(secs, 1e-9),
     )
     return val
@@ -616,8 +630,9 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv)
             save(ctx, cfg, eng, prog, mgr, classes, best=False)  # stopped by max_steps mid-epoch
             break
         val = end_of_epoch(ctx, cfg, eng, prog, classes)
-        best = val["acc"] > prog.best_acc
-        prog.best_acc = max(prog.best_acc, val["acc"])
+        acc = val["acc"] if val["acc"] is not None else -1.0
+        best = acc > prog.best_acc
+        prog.best_acc = max(prog.best_acc, acc)
         prog.epoch += 1
         prog.batch_in_epoch, prog.epoch_sums, prog.epoch_seconds = 0, [0.0, 0.0, 0.0], 0.0
         if ctx.is_main:

@@ -210,3 +210,11 @@ def test_accumulation_matches_the_larger_batch_and_resume_auto(demo: Path, tmp_p
     again = launch("train", *tiny(demo, tmp_path, "acc", "data.batch_size=8", "train.accum_steps=2",
                                   "train.max_steps=6"), "--resume", "auto")
     assert again.returncode == 0 and "ckpt-00000004.pt at epoch 0, batch 8, step 4" in again.stderr
+
+
+def test_training_without_a_validation_split(demo: Path, tmp_path: Path) -> None:
+    res = launch("train", *tiny(demo, tmp_path, "noval", "data.val_fraction=0", "train.epochs=1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no validation set" in res.stderr
+    summary = json.loads((tmp_path / "noval" / "summary.json").read_text())
+    assert summary["val_acc"] is None and summary["train_acc"] is not None
