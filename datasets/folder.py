@@ -42,9 +42,6 @@ class Samples:
     def subset(self, index: np.ndarray) -> Samples:
         return Samples(self.paths[index], self.targets[index], self.classes)
 
-    def class_counts(self) -> np.ndarray:
-        return np.bincount(self.targets, minlength=len(self.classes))
-
 
 def _ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_FILES

@@ -435,8 +435,3 @@ def dump_config(cfg: Config) -> str:
             lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
         lines.append("")
     return "\n".join(lines)
-
-
-def config_as_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict (for JSON reports)."""
-    return dataclasses.asdict(cfg)
