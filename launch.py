@@ -23,7 +23,8 @@ The same worker code runs however the process was started::
     # SLURM: one task per GPU, ranks from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS
     srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python launch.py train
 
-Commands: train (default), env, config, bench. ``--gpus`` sets
+Commands: train (default), eval, check, organize, stats, preview, env, config, bench
+(see README.md). ``--gpus`` sets
 CUDA_DEVICE_ORDER=PCI_BUS_ID and CUDA_VISIBLE_DEVICES *before torch is imported*; that
 is why this module imports torch only inside functions.
 """
