@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distrib.config import Config
@@ -86,15 +87,22 @@ def bench_launch(nproc: int, repeats: int, scratch: Path) -> dict[str, list[floa
             f"run.out_dir={scratch}",
         ],
     }
-    for cmd in cmds.values():
-        time_command(cmd, env)
-    times: dict[str, list[float]] = {name: [] for name in cmds}
+    return run_rounds(
+        {name: functools.partial(time_command, cmd, env) for name, cmd in cmds.items()}, repeats
+    )
+
+
+def run_rounds(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """One untimed warm-up of each variant, then ``repeats`` rounds in A/B, B/A order."""
+    for fn in variants.values():  # page cache, worker start, lazy imports
+        fn()
+    results: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(repeats):
-        order = list(cmds) if i % 2 == 0 else list(reversed(cmds))
+        order = list(variants) if i % 2 == 0 else list(reversed(variants))
         for name in order:
-            times[name].append(time_command(cmds[name], env))
-            log.info("run %d/%d %-16s %.3f s", i + 1, repeats, name, times[name][-1])
-    return times
+            results[name].append(variants[name]())
+            log.info("round %d/%d %-16s %.3f", i + 1, repeats, name, results[name][-1])
+    return results
 
 
 def write_results(

@@ -27,7 +27,7 @@ from datasets.folder import scan_imagefolder
 from datasets.loader import build_loader
 from datasets.stats import compute_stats
 from datasets.transforms import Normalizer, decode_uint8, train_transform
-from distrib.bench import markdown_table, write_results
+from distrib.bench import markdown_table, run_rounds, write_results
 from distrib.config import load_config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
@@ -133,18 +133,6 @@ def exact_stats_seconds(root: str, workers: int) -> float:
     start = time.perf_counter()
     compute_stats(scan_imagefolder(root).paths.tolist(), DistContext(), num_workers=workers)
     return time.perf_counter() - start
-
-
-def run_rounds(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    for fn in variants.values():  # warm-up: page cache, worker start, lazy imports
-        fn()
-    results: dict[str, list[float]] = {k: [] for k in variants}
-    for i in range(repeats):
-        order = list(variants) if i % 2 == 0 else list(reversed(variants))
-        for name in order:
-            results[name].append(variants[name]())
-            log.info("round %d/%d %-14s %.2f", i + 1, repeats, name, results[name][-1])
-    return results
 
 
 def main_bench_data(args: argparse.Namespace, out: Path) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from distrib.errors import LaunchError
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# every variable a launcher sets for its workers (torchrun adds GROUP_RANK, OMP_NUM_THREADS)
+LAUNCHER_VARS = (*TORCHRUN_VARS, "GROUP_RANK", "OMP_NUM_THREADS")
 SLURM_PORT_BASE = 15000  # default MASTER_PORT under SLURM: base + job id % 20000
 
 

@@ -15,19 +15,11 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from distrib.context import LAUNCHER_VARS
 from distrib.devices import AppliedEnv, Inventory, gpu_table
 
 SHOWN_PREFIXES = ("CUDA_", "NCCL_", "TORCH", "SLURM_", "PYTORCH_")
-SHOWN_NAMES = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "OMP_NUM_THREADS",
-)
+SHOWN_NAMES = LAUNCHER_VARS
 
 
 def _version(dist: str) -> str:

@@ -276,7 +276,7 @@ def resume(ctx: DistContext, cfg: Config, eng: Engine, path: Path, classes: tupl
 # --------------------------------------------------------------------------- the loop
 
 
-def _autocast(eng: Engine, device: str) -> contextlib.AbstractContextManager:
+def _autocast(eng: Engine) -> contextlib.AbstractContextManager:
     if eng.amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=eng.amp_dtype)
@@ -403,7 +403,7 @@ def forward_backward(
     try:
         b = batch.to(ctx.device)
         x = eng.normalizer(b.images)
-        with _no_sync(eng, sync), _autocast(eng, ctx.device):
+        with _no_sync(eng, sync), _autocast(eng):
             logits = eng.model(x)
             loss = eng.criterion(logits.float(), b.targets)
         scaled = loss / cfg.train.accum_steps if cfg.train.accum_steps > 1 else loss
@@ -492,7 +492,7 @@ def evaluate(ctx: DistContext, eng: Engine, num_classes: int) -> dict[str, Any]:
         if len(batch) == 0:
             continue
         b = batch.to(ctx.device)
-        with _autocast(eng, ctx.device):
+        with _autocast(eng):
             logits = eng.model(eng.normalizer(b.images)).float()
         hit = logits.argmax(1) == b.targets
         totals += torch.stack(

@@ -14,23 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distrib.context import LAUNCHER_VARS
+
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = str(REPO / "launch.py")
 FAKE_NVML = str(REPO / "tests" / "fakes" / "nvml")
 PROBE = str(REPO / "tests" / "fakes" / "probe")
 # variables a developer's shell (or CI) might carry that would change what a test means
 _STRIP_PREFIXES = ("CUDA_", "SLURM_", "TORCHELASTIC_", "NCCL_", "FAKE_NVML", "TORCH_IMPORT_PROBE")
-_STRIP = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "OMP_NUM_THREADS",
-    "PYTHONPATH",
-)
+_STRIP = (*LAUNCHER_VARS, "PYTHONPATH")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -181,8 +181,8 @@ def test_bad_image_error_names_the_file_or_is_skipped(images: Samples, tmp_path:
     cfg = load_config(None)
     from distrib.errors import LaunchError
 
-    for workers in (0, 2):
-        loader = build_loader(
+    def loader(workers: int, on_bad_image: str = "error"):
+        return build_loader(
             samples,
             train_transform(cfg.data),
             ctx(0, 1),
@@ -190,20 +190,13 @@ def test_bad_image_error_names_the_file_or_is_skipped(images: Samples, tmp_path:
             batch_size=2,
             num_workers=workers,
             train=True,
+            on_bad_image=on_bad_image,
         )
+
+    for workers in (0, 2):
         with pytest.raises(LaunchError) as e:
-            list(loader.epoch(0))
+            list(loader(workers).epoch(0))
         assert str(bad) in str(e.value) and "on_bad_image" in str(e.value)
         assert "Traceback" not in str(e.value)
-    loader = build_loader(
-        samples,
-        train_transform(cfg.data),
-        ctx(0, 1),
-        seed=0,
-        batch_size=2,
-        num_workers=2,
-        train=True,
-        on_bad_image="skip",
-    )
-    (batch,) = list(loader.epoch(0))
+    (batch,) = list(loader(2, "skip").epoch(0))
     assert len(batch) == 1 and [s.path for s in batch.skipped] == [str(bad)]
