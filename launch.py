@@ -51,7 +51,7 @@ from distrib.devices import (
     query_inventory,
 )
 from distrib.errors import LaunchError
-from distrib.logs import setup_logging
+from distrib.logs import check_log_ranks, setup_logging
 from distrib.spawn import SpawnPlan, spawn, strip_launcher_flags
 
 log = logging.getLogger("launch")
@@ -241,6 +241,19 @@ def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inv
             f"--nproc-per-node {n} starts {n} processes but only {visible} GPU(s) are visible "
             f"({'--gpus ' + ','.join(map(str, plan.gpus)) if plan.gpus else inv.describe()}); "
             "nccl needs one GPU per process. Lower --nproc-per-node or list more --gpus."
+        )
+    if args.nnodes.isdigit():
+        check_log_ranks(cfg.launch.log_ranks, n * int(args.nnodes))
+    if backend == "gloo" and visible == 0 and n > cpus:
+        log.warning(
+            "--nproc-per-node %d starts %d CPU processes on %d CPU core(s) (plus data.num_workers=%d "
+            "loader processes each): they will share the cores and each holds its own copy of the "
+            "model and data in memory; %d or fewer is faster on this machine",
+            n,
+            n,
+            cpus,
+            cfg.data.num_workers,
+            cpus,
         )
     return SpawnPlan(
         n,

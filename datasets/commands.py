@@ -128,8 +128,25 @@ def write_preview(
     return out
 
 
+def check_output_path(path: Path, what: str) -> None:
+    """Fail before any work if ``path`` cannot be written (a file in the way, no permission)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LaunchError(
+            f"{what} {path}: cannot create its folder {path.parent} ({e.strerror}: {e.filename}); "
+            "choose a path in a writable folder"
+        ) from None
+    if path.is_dir():
+        raise LaunchError(f"{what} {path} is a folder; give a file name such as {path / 'preview.png'}")
+    if not os.access(path.parent, os.W_OK):
+        raise LaunchError(f"{what} {path}: folder {path.parent} is not writable; choose another path")
+
+
 def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *, out: str | None) -> int:
     """One augmented training batch as a captioned grid (rank 0), plus the class map."""
+    if ctx.is_main and out:
+        check_output_path(Path(out), "preview --out")
     split = build_split(ctx, cfg)
     mean, std = normalization(ctx, cfg, split)
     if ctx.is_main:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from distrib.errors import LaunchError
+from distrib.seeding import entropy
 
 log = logging.getLogger(__name__)
 # torchvision.datasets.folder.IMG_EXTENSIONS
@@ -120,7 +121,7 @@ def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[n
     train, val = [], []
     for c in np.unique(targets):
         idx = np.flatnonzero(targets == c)
-        perm = np.random.default_rng([seed, SPLIT_KEY, int(c)]).permutation(idx)
+        perm = np.random.default_rng([entropy(seed), SPLIT_KEY, int(c)]).permutation(idx)
         n_val = int(round(fraction * len(idx))) if fraction > 0 else 0
         if len(idx) >= 2 and fraction > 0:
             n_val = min(max(n_val, 1), len(idx) - 1)

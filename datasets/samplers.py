@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DistributedSampler, Sampler
 
 from distrib.context import DistContext
-from distrib.seeding import SAMPLER, derive_seed
+from distrib.seeding import SAMPLER, derive_seed, entropy
 
 Key = tuple[int, int]
 
@@ -59,7 +59,7 @@ class TrainSampler(_EpochGuard, DistributedSampler):
             num_replicas=ctx.world_size,
             rank=ctx.rank,
             shuffle=shuffle,
-            seed=seed,
+            seed=entropy(seed) & (2**63 - 1),  # it seeds with seed + epoch: keep it in range
             drop_last=ctx.world_size > 1,
         )
         self.start = 0  # resume mid-epoch: skip this many of the epoch's items, once

@@ -9,10 +9,14 @@ stored is tensors and plain Python values.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import pickle
 import random
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,10 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from distrib.config import SHAPE_KEYS, ModelSection
 from distrib.errors import LaunchError
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+CKPT_FORMAT = 2  # 2: a digest of the contents is saved with them and verified on load
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,31 +81,129 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with ``weights_only=True``; a corrupt or truncated file is a clear error."""
+def payload_digest(obj: Any) -> str:
+    """sha256 over every value of a checkpoint: tensors' dtype, shape and bytes, and plain values.
+
+    Computed from the objects, not the file, so it is the same before saving and after
+    loading, and it catches what torch's zip reader does not: it skips CRC checks, so
+    bytes flipped inside a tensor record load silently.
+    """
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for k, v in sorted(obj.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0]))):
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, list | tuple):
+        h.update(f"L{len(obj)}|".encode())
+        for v in obj:
+            _feed(h, v)
+    else:  # str, int, float, bool, None, bytes, torch.Size ...: repr round-trips them exactly
+        h.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+
+def with_digest(state: dict[str, Any]) -> dict[str, Any]:
+    """The state as it is saved: the current format and the digest of everything else."""
+    body = {k: v for k, v in state.items() if k != "digest"}
+    body["format"] = CKPT_FORMAT
+    return {**body, "digest": payload_digest(body)}
+
+
+def read_torch_file(path: str | Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with one clear line for each way a file can be bad.
+
+    ``what`` names the file's role in messages ("checkpoint", "model.weights").
+    """
     path = Path(path)
     if not path.is_file():
-        raise LaunchError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise LaunchError(f"{what} {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
         raise LaunchError(
-            f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}); "
-            "resume from another one (see its folder) or start fresh"
-        ) from e
-    except Exception as e:  # weights_only refuses arbitrary pickles: not one of ours
-        raise LaunchError(f"checkpoint {path} is not a launch.py checkpoint ({e})") from e
+            f"{what} {path} is empty (0 bytes): its write never finished; use another checkpoint"
+        )
+    try:
+        with warnings.catch_warnings():  # torch warns about plain pickles before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        code = re.search(r"GLOBAL ([\w.]+)", text)
+        if "Weights only load failed" in text:
+            found = f" (it refers to {code.group(1)})" if code else ""
+            raise LaunchError(
+                f"{what} {path} holds pickled Python objects{found}, not only tensors and plain "
+                "values, so it was refused: it is not a launch.py checkpoint or state dict. "
+                "Re-save its tensors with torch.save(model.state_dict()) from a trusted source"
+            ) from None
+        raise LaunchError(f"{what} {path} is not a torch file or is damaged ({_first_line(text)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
+        why = _first_line(str(e)) or type(e).__name__
+        raise LaunchError(
+            f"{what} {path} is corrupt or truncated ({size} bytes; {why}); use another file or start fresh"
+        ) from None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:160] if text.strip() else ""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a launch.py checkpoint and verify its digest; every problem is one LaunchError."""
+    path = Path(path)
+    ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "format" not in ckpt:
         raise LaunchError(f"checkpoint {path} is not a launch.py checkpoint (no model/format keys)")
+    verify(ckpt, path)
     return ckpt
 
 
-def check_compatible(ckpt: dict[str, Any], model_name: str, classes: tuple[str, ...], path: Path) -> None:
-    """Resuming another model or class set is an error that names both."""
-    theirs = (ckpt.get("model_name"), tuple(ckpt.get("classes", ())))
-    if theirs[0] != model_name:
+def verify(ckpt: dict[str, Any], path: Path) -> None:
+    """Check the format and the digest; format 1 (before digests) loads with a warning."""
+    fmt = ckpt.get("format")
+    if not isinstance(fmt, int) or fmt > CKPT_FORMAT:
         raise LaunchError(
-            f"checkpoint {path} holds model {theirs[0]!r}, this run builds {model_name!r}; "
+            f"checkpoint {path} has format {fmt!r}; this launch.py reads formats up to {CKPT_FORMAT} "
+            "(it was written by a newer version: update launch.py)"
+        )
+    if fmt < 2:
+        log.warning("checkpoint %s (format %d) carries no digest: its contents cannot be verified", path, fmt)
+        return
+    body = {k: v for k, v in ckpt.items() if k != "digest"}
+    if ckpt.get("digest") != payload_digest(body):
+        raise LaunchError(
+            f"checkpoint {path} fails its integrity check: its contents differ from the sha256 "
+            "digest saved with them (damaged on disk or in transfer, or edited); use another checkpoint"
+        )
+
+
+def newest_valid(folder: Path) -> Path | None:
+    """The newest ``ckpt-<step>.pt`` that loads and verifies; damaged newer ones are named and skipped."""
+    for path in reversed(numbered(folder)):
+        try:
+            load_checkpoint(path)
+        except LaunchError as e:
+            log.warning("checkpoint.resume = auto: skipping %s: %s", path.name, e)
+            continue
+        return path
+    return None
+
+
+def check_compatible(ckpt: dict[str, Any], model: ModelSection, classes: tuple[str, ...], path: Path) -> None:
+    """Resuming another model, architecture or class set is an error that names both sides."""
+    theirs = (ckpt.get("model_name"), tuple(ckpt.get("classes", ())))
+    if theirs[0] != model.name:
+        raise LaunchError(
+            f"checkpoint {path} holds model {theirs[0]!r}, this run builds {model.name!r}; "
             "resume with the same model.name or start fresh"
         )
     if theirs[1] != tuple(classes):
@@ -108,6 +212,53 @@ def check_compatible(ckpt: dict[str, Any], model_name: str, classes: tuple[str, 
             f"({', '.join(theirs[1][:5])}...), this data has {len(classes)} "
             f"({', '.join(classes[:5])}...); use the same data or start fresh"
         )
+    differ = architecture_differences(ckpt, model)
+    if differ:
+        raise LaunchError(
+            f"checkpoint {path} was trained with another architecture: {'; '.join(differ)}. "
+            "Resume with the checkpoint's [model] settings or start fresh"
+        )
+
+
+def architecture_differences(ckpt: dict[str, Any], model: ModelSection) -> list[str]:
+    """'model.width = 32 in the checkpoint, 16 now' for each shape-defining key that differs."""
+    try:
+        stored = json.loads(ckpt.get("config") or "{}").get("model", {})
+    except (TypeError, ValueError):
+        return []
+    keys = SHAPE_KEYS if model.name == "small_cnn" else ("name",)
+    return [
+        f"model.{k} = {stored[k]!r} in the checkpoint, {getattr(model, k)!r} now"
+        for k in keys
+        if k in stored and stored[k] != getattr(model, k)
+    ]
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """``load_state_dict`` (strict), with torch's size-mismatch paragraph turned into one line."""
+    own = model.state_dict()
+    wrong = [
+        f"{k} {list(v.shape)} vs {list(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if wrong or missing or extra:
+        parts = (
+            [f"{len(wrong)} tensor(s) of another shape (file vs model): {', '.join(wrong[:4])}"]
+            if wrong
+            else []
+        )
+        parts += [f"missing {', '.join(missing[:4])}"] if missing else []
+        parts += [f"unexpected {', '.join(extra[:4])}"] if extra else []
+        raise LaunchError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def checkpoint_folder(setting: str, run_dir: Path) -> Path:
+    """``checkpoint.dir``, or ``<run dir>/checkpoints`` when it is empty."""
+    return Path(setting) if setting else run_dir / "checkpoints"
 
 
 def numbered(folder: Path) -> list[Path]:
@@ -146,6 +297,7 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], step: int, best: bool) -> Path:
         path = self.folder / f"ckpt-{step:08d}.pt"
+        state = with_digest(state)
         save_atomic(state, path)
         if best:
             save_atomic(state, self.folder / "best.pt")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -37,12 +38,58 @@ class ConfigError(LaunchError, ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.errors))
 
 
-def _f(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field carrying its documentation (printed by ``launch.py config``)."""
+@dataclass(frozen=True)
+class Range:
+    """An allowed numeric interval; ``None`` ends are open to infinity."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
+
+
+def _num(x: float | None) -> str:
+    return repr(x) if not isinstance(x, float) or not x.is_integer() else str(int(x))
+
+
+def _f(
+    default: Any,
+    doc: str,
+    choices: tuple[str, ...] | None = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field carrying its documentation and, for numbers, its allowed range.
+
+    The range is checked at load time for the value (or each item of a list), so an
+    out-of-range number is a config error naming the key, never a torch or numpy error.
+    """
     meta: dict[str, Any] = {"doc": doc}
     if choices:
         meta["choices"] = choices
+    if (ge, gt, le, lt) != (None, None, None, None):
+        lo, hi = (gt if ge is None else ge), (lt if le is None else le)
+        meta["range"] = Range(lo, hi, lo_open=gt is not None, hi_open=lt is not None)
     return field(default=default, metadata=meta)
+
+
+SEED_MIN, SEED_END = -(2**63), 2**64  # any 64-bit integer, signed or unsigned
 
 
 @dataclass(frozen=True)
@@ -51,12 +98,26 @@ class RunSection:
 
     name: str = _f("", "Run directory name under out_dir; empty = a timestamped name.")
     out_dir: str = _f("runs", "Folder that holds run directories (relative to the cwd).")
-    seed: int = _f(0, "Base seed; per-rank/worker/epoch seeds are derived from it.")
+    seed: int = _f(
+        0,
+        "Base seed (any 64-bit integer); per-rank/worker/epoch seeds are derived from it.",
+        ge=SEED_MIN,
+        lt=SEED_END,
+    )
     deterministic: bool = _f(
         False,
         "Deterministic kernels: cudnn.deterministic, no cudnn.benchmark, "
         "torch.use_deterministic_algorithms(True), CUBLAS_WORKSPACE_CONFIG.",
     )
+    overwrite: bool = _f(
+        False,
+        "Start a new run in a run directory that holds an earlier run: its files are removed "
+        "first. Without it such a start is refused (resume it, or pick another run.name).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"run.name: {self.name!r} must be a plain folder name (no '/', '.', '..')")
 
 
 @dataclass(frozen=True)
@@ -67,6 +128,7 @@ class LaunchSection:
         (),
         "Physical GPU ids (nvidia-smi / PCI bus order) to use, e.g. [0, 2]; empty = "
         "leave CUDA_VISIBLE_DEVICES as it is. Overridden by --gpus.",
+        ge=0,
     )
     log_ranks: str = _f("0", "Ranks whose INFO logs are shown: '0', 'all' or a list like '0,3'.")
 
@@ -80,7 +142,7 @@ class DistSection:
         "Collective backend: auto = nccl when CUDA is usable, else gloo.",
         choices=("auto", "nccl", "gloo"),
     )
-    timeout_s: float = _f(600.0, "Seconds a rank waits for the others (init, barriers, collectives).")
+    timeout_s: float = _f(600.0, "Seconds a rank waits for the others (init, barriers, collectives).", gt=0)
 
 
 @dataclass(frozen=True)
@@ -91,27 +153,36 @@ class DataSection:
     csv: str = _f("", "Label CSV for a flat image folder (e.g. train_df.csv); needs images.")
     images: str = _f("", "Flat image folder the CSV's file names are relative to.")
     synthetic: int = _f(
-        0, "If > 0 and data.csv does not exist: write a demo set of this many images per class there."
+        0,
+        "If > 0 and data.csv does not exist: write a demo set of this many images per class there.",
+        ge=0,
     )
     file_col: str = _f("file_name", "CSV column with the image file name (may hold sub-folders).")
     label_col: str = _f("label", "CSV column with the class label.")
     cache_dir: str = _f(
-        ".cache/organized", "Where csv + images are organised (hard links) into an ImageFolder tree."
+        ".cache/organized",
+        "Where csv + images are organised (hard links) into an ImageFolder tree, kept in step "
+        "with the CSV's rows.",
     )
     val_root: str = _f("", "Separate validation ImageFolder; empty = split val_fraction off root.")
-    val_fraction: float = _f(0.3, "Share of each class held out for validation (stratified, seeded).")
-    batch_size: int = _f(32, "Images per batch on each rank.")
-    num_workers: int = _f(2, "DataLoader worker processes per rank.")
-    resize: tuple[int, ...] = _f((), "Resize every image to [H, W]; empty = keep sizes.")
-    crop: tuple[int, ...] = _f((), "Training RandomResizedCrop [H, W]; empty = none.")
-    crop_scale: tuple[float, ...] = _f((0.08, 1.0), "RandomResizedCrop area range [min, max].")
-    hflip: float = _f(0.5, "Probability of a horizontal flip (training).")
-    vflip: float = _f(0.0, "Probability of a vertical flip (training).")
-    rotation: float = _f(0.0, "Random rotation range in degrees, +/- (training); 0 = off.")
-    mean: str | tuple[float, ...] = _f(
-        "auto", "Per-channel mean in [0, 1], or 'auto' = exact dataset stats, computed and cached."
+    val_fraction: float = _f(
+        0.3, "Share of each class held out for validation (stratified, seeded).", ge=0, lt=1
     )
-    std: str | tuple[float, ...] = _f("auto", "Per-channel std in [0, 1], or 'auto' (with mean).")
+    batch_size: int = _f(32, "Images per batch on each rank.", ge=1)
+    num_workers: int = _f(2, "DataLoader worker processes per rank.", ge=0)
+    resize: tuple[int, ...] = _f((), "Resize every image to [H, W]; empty = keep sizes.", ge=1)
+    crop: tuple[int, ...] = _f((), "Training RandomResizedCrop [H, W]; empty = none.", ge=1)
+    crop_scale: tuple[float, ...] = _f((0.08, 1.0), "RandomResizedCrop area range [min, max].", gt=0, le=1)
+    hflip: float = _f(0.5, "Probability of a horizontal flip (training).", ge=0, le=1)
+    vflip: float = _f(0.0, "Probability of a vertical flip (training).", ge=0, le=1)
+    rotation: float = _f(0.0, "Random rotation range in degrees, +/- (training); 0 = off.", ge=0, le=180)
+    mean: str | tuple[float, ...] = _f(
+        "auto",
+        "Per-channel mean in [0, 1], or 'auto' = exact dataset stats, computed and cached.",
+        ge=0,
+        le=1,
+    )
+    std: str | tuple[float, ...] = _f("auto", "Per-channel std in (0, 1], or 'auto' (with mean).", gt=0, le=1)
     sampler: str = _f(
         "distributed",
         "Training sampler: distributed (shuffled shards) or balanced (class-balanced draw).",
@@ -130,17 +201,10 @@ class DataSection:
         errors = []
         for name in ("resize", "crop"):
             value = getattr(self, name)
-            if value and (len(value) != 2 or min(value) < 1):
-                errors.append(f"data.{name}: give [H, W] with positive sizes, got {list(value)}")
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            errors.append(f"data.crop_scale: give [min, max] in (0, 1], got {list(self.crop_scale)}")
-        if not 0 <= self.val_fraction < 1:
-            errors.append(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            errors.append("data.batch_size must be >= 1 and data.num_workers >= 0")
-        for name in ("hflip", "vflip"):
-            if not 0 <= getattr(self, name) <= 1:
-                errors.append(f"data.{name}: a probability in [0, 1], got {getattr(self, name)}")
+            if value and len(value) != 2:
+                errors.append(f"data.{name}: give [H, W], got {list(value)}")
+        if len(self.crop_scale) != 2 or self.crop_scale[0] > self.crop_scale[1]:
+            errors.append(f"data.crop_scale: give [min, max] with min <= max, got {list(self.crop_scale)}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if (isinstance(value, str) and value != "auto") or (
@@ -153,14 +217,23 @@ class DataSection:
             raise ValueError("; ".join(errors))
 
 
+SHAPE_KEYS = ("name", "batchnorm", "width")  # [model] keys that decide a state dict's tensors
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """Which network to train."""
 
     name: str = _f("small_cnn", "small_cnn, or a torchvision.models name (resnet18, resnet50, ...).")
     weights: str = _f("", "Pretrained weights from a local file (nothing is downloaded); empty = none.")
+    weights_strict: bool = _f(
+        True,
+        "model.weights must fit every tensor (a classifier head for another class count is "
+        "the one exception); false = load what fits and log how much.",
+    )
     batchnorm: bool = _f(True, "small_cnn only: BatchNorm after each conv (false = norm-free).")
-    width: int = _f(32, "small_cnn only: channels of the first conv (doubles per stage).")
+    width: int = _f(32, "small_cnn only: channels of the first conv (doubles per stage).", ge=1)
+    dropout: float = _f(0.0, "small_cnn only: dropout probability before the head.", ge=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -168,42 +241,32 @@ class OptimSection:
     """Optimizer and learning-rate schedule."""
 
     name: str = _f("sgd", "sgd or adamw.", choices=("sgd", "adamw"))
-    lr: float = _f(0.1, "Peak learning rate (after warm-up), for the global batch.")
-    momentum: float = _f(0.9, "SGD momentum.")
-    weight_decay: float = _f(5e-4, "Weight decay.")
+    lr: float = _f(0.1, "Peak learning rate (after warm-up), for the global batch.", gt=0)
+    momentum: float = _f(0.9, "SGD momentum.", ge=0, le=1)
+    weight_decay: float = _f(5e-4, "Weight decay.", ge=0)
     schedule: str = _f(
         "cosine", "cosine, step or constant (after warm-up).", choices=("cosine", "step", "constant")
     )
-    warmup_epochs: float = _f(0.0, "Linear warm-up length in epochs (fractions allowed).")
-    step_epochs: int = _f(30, "step schedule: epochs between decays.")
-    gamma: float = _f(0.1, "step schedule: decay factor.")
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.step_epochs < 1:
-            raise ValueError("optim.lr must be > 0, optim.warmup_epochs >= 0, optim.step_epochs >= 1")
+    warmup_epochs: float = _f(0.0, "Linear warm-up length in epochs (fractions allowed).", ge=0)
+    step_epochs: int = _f(30, "step schedule: epochs between decays.", ge=1)
+    gamma: float = _f(0.1, "step schedule: decay factor.", gt=0, le=1)
 
 
 @dataclass(frozen=True)
 class TrainSection:
     """The epoch loop."""
 
-    epochs: int = _f(10, "Epochs to train.")
-    max_steps: int = _f(0, "Stop after this many optimizer steps in total (0 = no limit).")
-    label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.")
-    grad_clip: float = _f(0.0, "Clip the global gradient norm to this (0 = off).")
-    accum_steps: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.")
+    epochs: int = _f(10, "Epochs to train.", ge=1)
+    max_steps: int = _f(0, "Stop after this many optimizer steps in total (0 = no limit).", ge=0)
+    label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.", ge=0, lt=1)
+    grad_clip: float = _f(0.0, "Clip the global gradient norm to this (0 = off).", ge=0)
+    accum_steps: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.", ge=1)
     amp: str = _f(
         "off",
         "Mixed precision on CUDA: off, bf16 or fp16 (with GradScaler).",
         choices=("off", "bf16", "fp16"),
     )
-    log_every: int = _f(20, "Progress line (rank 0) and steps.csv row every N optimizer steps.")
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.max_steps < 0 or self.accum_steps < 1 or self.log_every < 1:
-            raise ValueError("train.epochs/max_steps >= 0, train.accum_steps/log_every >= 1")
-        if not 0 <= self.label_smoothing < 1 or self.grad_clip < 0:
-            raise ValueError("train.label_smoothing in [0, 1), train.grad_clip >= 0")
+    log_every: int = _f(20, "Progress line (rank 0) and steps.csv row every N optimizer steps.", ge=1)
 
 
 @dataclass(frozen=True)
@@ -223,14 +286,10 @@ class CheckpointSection:
     """When and where rank 0 saves, and how to resume."""
 
     every_epoch: bool = _f(True, "Save at the end of every epoch.")
-    every_steps: int = _f(0, "Also save every N optimizer steps (0 = off).")
-    keep_last: int = _f(2, "How many recent checkpoints to keep (best.pt is kept as well).")
+    every_steps: int = _f(0, "Also save every N optimizer steps (0 = off).", ge=0)
+    keep_last: int = _f(2, "How many recent checkpoints to keep (best.pt is kept as well).", ge=1)
     dir: str = _f("", "Checkpoint folder; empty = <run dir>/checkpoints.")
-    resume: str = _f("", "'' (fresh), 'auto' (newest checkpoint of this run name) or a path.")
-
-    def __post_init__(self) -> None:
-        if self.keep_last < 1 or self.every_steps < 0:
-            raise ValueError("checkpoint.keep_last >= 1 and checkpoint.every_steps >= 0")
+    resume: str = _f("", "'' (fresh), 'auto' (newest valid checkpoint of this run name) or a path.")
 
 
 @dataclass(frozen=True)
@@ -300,6 +359,26 @@ def _suggest(name: str, valid: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(valid))}"
 
 
+def _show(value: Any) -> str:
+    return f"[{', '.join(_num(v) for v in value)}]" if isinstance(value, tuple) else _num(value)
+
+
+def _range_problem(value: Any, allowed: Range | None) -> str | None:
+    """Why ``value`` (a number, or each number of a list) is out of range; None when fine."""
+    items = value if isinstance(value, tuple) else (value,)
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            continue
+        if isinstance(x, float) and not math.isfinite(x):
+            return "is not a finite number"
+        if allowed is not None and x not in allowed:
+            item = f" ({_num(x)})" if isinstance(value, tuple) else ""
+            return (
+                f"is out of range{item}: {'each value ' if isinstance(value, tuple) else ''}must be {allowed}"
+            )
+    return None
+
+
 def _build_section(cls: type, name: str, data: Any, errors: list[str]) -> Any:
     if not isinstance(data, dict):
         errors.append(f"[{name}] must be a table, got {data!r}")
@@ -319,6 +398,10 @@ def _build_section(cls: type, name: str, data: Any, errors: list[str]) -> Any:
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
             errors.append(f"{name}.{key}: {value!r} is not one of {', '.join(choices)}")
+            continue
+        problem = _range_problem(value, fields[key].metadata.get("range"))
+        if problem:
+            errors.append(f"{name}.{key} = {_show(value)} {problem}")
             continue
         values[key] = value
     try:

@@ -22,7 +22,7 @@ from datasets.build import build_split
 from datasets.folder import Samples, scan_imagefolder
 from datasets.loader import build_loader
 from datasets.transforms import Normalizer, eval_transform
-from distrib.checkpoint import load_checkpoint
+from distrib.checkpoint import load_checkpoint, load_model_state
 from distrib.config import Config, config_from_dict
 from distrib.context import DistContext
 from distrib.devices import AppliedEnv
@@ -54,11 +54,13 @@ def eval_samples(ctx: DistContext, cfg: Config, classes: tuple[str, ...], data_d
 
 
 @torch.no_grad()
-def predict(ctx: DistContext, cfg: Config, state: dict[str, Any], samples: Samples) -> list[tuple]:
-    """(index, prediction, confidence) for this rank's shard."""
+def predict(
+    ctx: DistContext, cfg: Config, state: dict[str, Any], samples: Samples, path: Path
+) -> list[tuple]:
+    """(index, prediction, confidence) for this rank's shard (``path``: the checkpoint, for errors)."""
     classes = tuple(state["classes"])
     model = build_model(cfg.model, len(classes))
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], path)
     model.to(ctx.device).eval()
     norm = Normalizer(state["mean"], state["std"], ctx.device)
     loader = build_loader(
@@ -128,7 +130,9 @@ def eval_job(
     ckcfg = checkpoint_config(state)
     classes = tuple(state["classes"])
     samples = eval_samples(ctx, ckcfg, classes, data_dir)
-    rows = sorted(r for part in gather_objects(ctx, predict(ctx, ckcfg, state, samples)) for r in part)
+    rows = sorted(
+        r for part in gather_objects(ctx, predict(ctx, ckcfg, state, samples, Path(checkpoint))) for r in part
+    )
     if ctx.is_main:
         rep = report(samples, classes, rows)
         write_outputs(run_dir, samples, classes, rows, rep)

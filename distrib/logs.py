@@ -27,6 +27,17 @@ def parse_log_ranks(spec: str) -> frozenset[int] | None:
     return ranks
 
 
+def check_log_ranks(spec: str, world_size: int) -> None:
+    """Every rank named in ``spec`` must exist: a wrong list would silently show nothing."""
+    shown = parse_log_ranks(spec)
+    absent = sorted(r for r in shown or () if r >= world_size)
+    if absent:
+        raise LaunchError(
+            f"launch.log_ranks / --log-ranks {spec!r}: rank {', '.join(map(str, absent))} does not exist "
+            f"in this job of {world_size} rank(s) (0-{world_size - 1}); name existing ranks or 'all'"
+        )
+
+
 class _RankHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler we own, so reconfiguring never removes anyone else's."""
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class SmallCNN(nn.Module):
     """Three conv stages (conv-[BN]-ReLU-pool) and a linear head; fast on a CPU."""
 
-    def __init__(self, num_classes: int, width: int = 32, batchnorm: bool = True):
+    def __init__(self, num_classes: int, width: int = 32, batchnorm: bool = True, dropout: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
@@ -33,17 +33,18 @@ class SmallCNN(nn.Module):
             layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             cin = cout
         self.features = nn.Sequential(*layers)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # no tensors: same state dict
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a mean, not adaptive_avg_pool2d: same value, and deterministic on CUDA
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.drop(self.features(x).mean(dim=(2, 3))))
 
 
 def build_model(cfg: ModelSection, num_classes: int) -> nn.Module:
     """The configured model with ``num_classes`` outputs (weights from cfg.weights if set)."""
     if cfg.name == "small_cnn":
-        model: nn.Module = SmallCNN(num_classes, cfg.width, cfg.batchnorm)
+        model: nn.Module = SmallCNN(num_classes, cfg.width, cfg.batchnorm, cfg.dropout)
     else:
         import torchvision
 
@@ -56,31 +57,92 @@ def build_model(cfg: ModelSection, num_classes: int) -> nn.Module:
             )
         model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
     if cfg.weights:
-        load_weights(model, Path(cfg.weights))
+        load_weights(model, Path(cfg.weights), num_classes, strict=cfg.weights_strict)
     return model
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a local state dict (or one of our checkpoints); a different head is left fresh."""
+def head_keys(model: nn.Module, num_classes: int) -> set[str]:
+    """State-dict keys of the classifier head(s): Linear/Conv layers with ``num_classes`` outputs.
+
+    (resnet ``fc``, vgg ``classifier.6``, squeezenet's final conv, inception's aux head, ...)
+    """
+    keys = set()
+    for name, mod in model.named_modules():
+        out = getattr(mod, "out_features", getattr(mod, "out_channels", None))
+        if isinstance(mod, nn.Linear | nn.Conv2d) and out == num_classes:
+            keys |= {f"{name}.{p}" if name else p for p, _ in mod.named_parameters(recurse=False)}
+    return keys
+
+
+def _is_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")  # BatchNorm's step counter: not a learned tensor
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or the model of one of our checkpoints (its digest verified)."""
+    from distrib import checkpoint as ck
+
+    state = ck.read_torch_file(path, "model.weights")
+    if isinstance(state, dict) and "model" in state and "format" in state:
+        ck.verify(state, path)
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LaunchError(f"model.weights {path} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_weights(model: nn.Module, path: Path, num_classes: int, strict: bool = True) -> None:
+    """Load a local state dict; only a head for another class count may stay fresh (unless not strict).
+
+    Why strict by default: loading weights of another width skips every tensor for its
+    shape, and a run that silently trains from scratch looks like a bad fine-tune.
+    """
     if not path.is_file():
         raise LaunchError(f"model.weights {path} does not exist (weights are never downloaded)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LaunchError(f"model.weights {path} cannot be read as a torch state dict: {e}") from e
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = read_state_dict(path)
     own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    usable = {k: v for k, v in state.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(usable, strict=False)
-    if skipped:
+    heads = head_keys(model, num_classes)
+    shape = {
+        k: (list(v.shape), list(own[k].shape))
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    }
+    head = {k: s for k, s in shape.items() if k in heads and s[0][1:] == s[1][1:]}
+    wrong = {k: s for k, s in shape.items() if k not in head}
+    missing = [k for k in own if k not in state and not _is_counter(k)]
+    unexpected = [k for k in state if k not in own]
+    for k, (theirs, ours) in head.items():
         log.info(
-            "weights: %d tensor(s) with another shape left fresh (e.g. the class head): %s",
-            len(skipped),
-            ", ".join(skipped[:4]),
+            "weights: classifier head %s is %s in %s, %s here (another class count): left fresh",
+            k,
+            theirs,
+            path.name,
+            ours,
         )
-    if unexpected or len(missing) > len(skipped):
+    problems = [f"{k} {s[0]} in the file, {s[1]} in the model" for k, s in wrong.items()]
+    problems += [f"{k} missing from the file" for k in missing] + [
+        f"{k} not in the model" for k in unexpected
+    ]
+    usable = {k: v for k, v in state.items() if k in own and k not in shape}
+    learned = [k for k in own if not _is_counter(k)]
+    loaded = [k for k in usable if not _is_counter(k)]
+    if problems and (strict or not loaded):
+        hint = (
+            "set model.weights_strict = false to load the tensors that fit on purpose"
+            if loaded
+            else "no learned tensor fits: are these weights of another model or model.width?"
+        )
         raise LaunchError(
-            f"model.weights {path} does not fit model: missing {list(missing)[:4]}, "
-            f"unexpected {list(unexpected)[:4]}"
+            f"model.weights {path} does not fit {len(problems)} tensor(s) of the model: "
+            + "; ".join(problems[:6])
+            + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+            + f". {hint}"
         )
+    model.load_state_dict(usable, strict=False)
+    log.info(
+        "weights: loaded %d of %d learned tensor(s) from %s%s",
+        len(loaded),
+        len(learned),
+        path,
+        f" (weights_strict = false; {len(problems)} left fresh or ignored)" if problems else "",
+    )

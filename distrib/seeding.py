@@ -18,9 +18,17 @@ SAMPLE, WORKER, LOADER, SAMPLER = 1, 2, 3, 4  # purposes: separate streams per u
 _MASK63 = (1 << 63) - 1
 
 
+def entropy(seed: int) -> int:
+    """``run.seed`` (any 64-bit integer, negative ones too) as the non-negative entropy numpy takes.
+
+    A bijection on 64-bit integers, so distinct configured seeds stay distinct streams.
+    """
+    return int(seed) % 2**64
+
+
 def derive_seed(seed: int, *key: int) -> int:
     """A 63-bit seed that depends on ``seed`` and every element of ``key``."""
-    state = np.random.SeedSequence(entropy=seed, spawn_key=tuple(int(k) for k in key))
+    state = np.random.SeedSequence(entropy=entropy(seed), spawn_key=tuple(int(k) for k in key))
     return int(state.generate_state(1, np.uint64)[0]) & _MASK63
 
 

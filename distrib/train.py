@@ -44,7 +44,6 @@ from distrib.seeding import derive_seed, seed_process
 
 log = logging.getLogger(__name__)
 INIT, STEPS = 5, 6  # seed purposes: model initialisation (same on every rank), the loop's RNG
-CKPT_FORMAT = 1
 
 
 # --------------------------------------------------------------------------- set-up
@@ -198,7 +197,6 @@ def checkpoint_state(
     if not ctx.is_main:
         return None
     return {
-        "format": CKPT_FORMAT,
         "model": eng.bare.state_dict(),
         "model_name": cfg.model.name,
         "classes": list(classes),
@@ -230,27 +228,29 @@ def save(
     barrier(ctx)
 
 
-def resume_path(cfg: Config, folder: Path) -> Path | None:
+def resume_path(ctx: DistContext, cfg: Config, folder: Path) -> Path | None:
+    """The checkpoint to resume from; for 'auto', rank 0 picks the newest valid one for all."""
     r = cfg.checkpoint.resume
-    if not r:
-        return None
-    if r == "auto":
-        found = ck.latest(folder)
+    if r != "auto":
+        return Path(r) if r else None
+    found = None
+    if ctx.is_main:
+        found = ck.newest_valid(folder)
         if found is None:
             log.info(
-                "checkpoint.resume = auto: no checkpoint in %s, starting fresh (resuming a run "
+                "checkpoint.resume = auto: no valid checkpoint in %s, starting fresh (resuming a run "
                 "needs the same run.name)",
                 folder,
             )
-        return found
-    return Path(r)
+    found = broadcast_object(ctx, None if found is None else str(found))
+    return Path(found) if found else None
 
 
 def resume(ctx: DistContext, cfg: Config, eng: Engine, path: Path, classes: tuple[str, ...]) -> Progress:
     """Load a checkpoint into the engine and return where to continue."""
     state = ck.load_checkpoint(path)
-    ck.check_compatible(state, cfg.model.name, classes, path)
-    eng.bare.load_state_dict(state["model"])
+    ck.check_compatible(state, cfg.model, classes, path)
+    ck.load_model_state(eng.bare, state["model"], path)
     eng.optimizer.load_state_dict(state["optimizer"])
     eng.scheduler.load_state_dict(state["scheduler"])
     if eng.scaler and state.get("scaler"):
@@ -577,10 +577,6 @@ def end_of_epoch(
 # --------------------------------------------------------------------------- the job
 
 
-def checkpoint_folder(cfg: Config, run_dir: Path) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-
-
 def preflight(ctx: DistContext, mgr: ck.CheckpointManager) -> None:
     """Rank 0 checks the checkpoint folder; every rank learns the verdict (no one hangs)."""
     err = None
@@ -601,9 +597,9 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv)
     mean, std = normalization(ctx, cfg, split)
     classes = split.classes
     eng = build_engine(ctx, cfg, split, mean, std)
-    mgr = ck.CheckpointManager(checkpoint_folder(cfg, run_dir), cfg.checkpoint.keep_last)
+    mgr = ck.CheckpointManager(ck.checkpoint_folder(cfg.checkpoint.dir, run_dir), cfg.checkpoint.keep_last)
     preflight(ctx, mgr)
-    path = resume_path(cfg, mgr.folder)
+    path = resume_path(ctx, cfg, mgr.folder)
     seed_process(derive_seed(cfg.run.seed, STEPS, ctx.rank))  # dropout etc.; a resume restores it
     prog = resume(ctx, cfg, eng, path, classes) if path else Progress()
     if ctx.is_main:

@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from distrib.checkpoint import checkpoint_folder
 from distrib.config import Config, dump_config
 from distrib.context import DistContext
 from distrib.devices import AppliedEnv, DevicePlan, verify_cuda_visibility
 from distrib.errors import LaunchError
-from distrib.logs import setup_logging
+from distrib.logs import check_log_ranks, setup_logging
 from distrib.process_group import bind_device, broadcast_object, process_group
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,50 @@ def run_dir_name(cfg: Config, command: str) -> str:
     return cfg.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{secrets.token_hex(2)}"
 
 
+RUN_OUTPUTS = ("metrics.csv", "steps.csv", "summary.json")  # a train run's own files
+
+
+def earlier_run(cfg: Config, path: Path) -> list[str]:
+    """Files of an earlier training run in ``path`` (and its checkpoint folder)."""
+    found = [name for name in RUN_OUTPUTS if (path / name).exists()]
+    folder = checkpoint_folder(cfg.checkpoint.dir, path)
+    if folder.is_dir():
+        found += [str(p) for p in sorted(folder.glob("ckpt-*.pt"))[-2:]]
+        found += [str(folder / "best.pt")] if (folder / "best.pt").exists() else []
+    return found
+
+
+def claim_run_dir(cfg: Config, path: Path) -> str | None:
+    """A new training run may not mix with an earlier one in the same directory.
+
+    Returns the refusal (None = go ahead). With ``run.overwrite`` the earlier run's files
+    are removed first: the run directory and the checkpoints in ``checkpoint.dir``.
+    """
+    if cfg.checkpoint.resume or not (found := earlier_run(cfg, path)):
+        return None
+    if not cfg.run.overwrite:
+        return (
+            f"run directory {path} already holds a run ({', '.join(found[:4])}); a new run there would "
+            "mix the two. Continue it with --resume auto, choose another run.name, or set "
+            "run.overwrite = true (--set run.overwrite=true) to delete the old run's files first"
+        )
+    log.warning("run.overwrite = true: removing the earlier run in %s", path)
+    shutil.rmtree(path)
+    folder = checkpoint_folder(cfg.checkpoint.dir, path)
+    for old in [*folder.glob("ckpt-*.pt"), folder / "best.pt"] if folder.is_dir() else []:
+        old.unlink(missing_ok=True)
+    return None
+
+
 def make_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
-    """Rank 0 names the run; every rank gets the same directory; rank 0 writes config.toml."""
+    """Rank 0 names (and for train, claims) the run; every rank gets the same directory."""
     name = broadcast_object(ctx, run_dir_name(cfg, command) if ctx.is_main else None)
     path = Path(cfg.run.out_dir) / name
     try:
+        refusal = claim_run_dir(cfg, path) if ctx.is_main and command == "train" else None
+        refusal = broadcast_object(ctx, refusal)
+        if refusal:
+            raise LaunchError(refusal)
         path.mkdir(parents=True, exist_ok=True)
         if ctx.is_main:
             (path / "config.toml").write_text(dump_config(cfg))
@@ -65,6 +106,7 @@ def make_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
 def run_worker(cfg: Config, plan: DevicePlan, applied: AppliedEnv, command: str, job: Job) -> int:
     """Run ``job`` as this process's rank; returns the exit status."""
     ctx = build_context(cfg, plan)
+    check_log_ranks(cfg.launch.log_ranks, ctx.world_size)
     setup_logging(ctx.rank, cfg.launch.log_ranks)
     log.info(
         "%s: rank %d/%d (local %d/%d, node %d) on %s, backend %s",

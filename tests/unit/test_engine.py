@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distrib import checkpoint as ck
-from distrib.config import load_config
+from distrib.config import ModelSection, load_config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
 from distrib.models import SmallCNN, build_model
@@ -97,10 +97,10 @@ def test_corrupt_foreign_and_missing_checkpoints(tmp_path: Path) -> None:
 def test_compatibility_names_both_sides() -> None:
     c = _fake_ckpt(1)
     with pytest.raises(LaunchError, match="holds model 'small_cnn', this run builds 'resnet18'"):
-        ck.check_compatible(c, "resnet18", ("a", "b"), Path("x.pt"))
+        ck.check_compatible(c, ModelSection(name="resnet18"), ("a", "b"), Path("x.pt"))
     with pytest.raises(LaunchError, match="trained on 2 classes"):
-        ck.check_compatible(c, "small_cnn", ("a", "b", "c"), Path("x.pt"))
-    ck.check_compatible(c, "small_cnn", ("a", "b"), Path("x.pt"))
+        ck.check_compatible(c, ModelSection(), ("a", "b", "c"), Path("x.pt"))
+    ck.check_compatible(c, ModelSection(), ("a", "b"), Path("x.pt"))
 
 
 def test_parallel_modes() -> None:
