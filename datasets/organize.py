@@ -41,17 +41,31 @@ class Placement:
 
 @dataclass
 class OrganizePlan:
-    """What a run would do; built without touching the output folder."""
+    """What a run would do; built without touching the output folder.
+
+    ``relabel``, ``update`` and ``stale`` reconcile an output folder that an earlier
+    organize filled (its manifest says which files it placed) with the CSV as it is now.
+    """
 
     todo: list[Placement] = field(default_factory=list)
     done: list[Placement] = field(default_factory=list)  # already in place
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)  # on disk, not in the CSV
     duplicates: int = 0  # same file, same label, listed twice
+    relabel: list[tuple[Path, Placement]] = field(default_factory=list)  # (old place, new placement)
+    update: list[Placement] = field(default_factory=list)  # placed earlier; the source changed since
+    stale: list[Placement] = field(default_factory=list)  # placed earlier; no longer in the CSV
+    foreign: list[str] = field(default_factory=list)  # in the manifest, but replaced by someone else
+    on_disk: Counter[str] = field(default_factory=Counter)  # images per class folder after the run
 
     @property
     def all(self) -> list[Placement]:
-        return sorted(self.todo + self.done, key=lambda p: (p.label, p.rel))
+        placed = self.todo + self.done + self.update + [p for _, p in self.relabel]
+        return sorted(placed, key=lambda p: (p.label, p.rel))
+
+    @property
+    def changes(self) -> int:
+        return len(self.todo) + len(self.relabel) + len(self.update) + len(self.stale)
 
 
 # --------------------------------------------------------------------------- reading
@@ -140,41 +154,105 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A manifest row: where an earlier organize put a file, and its (size, mtime_ns) then."""
+
+    label: str
+    path: Path
+    stat: tuple[int, int] | None  # None in manifests written before this was recorded
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def read_manifest(out: Path) -> dict[str, Placed]:
+    """What an earlier organize placed in ``out``, by the CSV's file name."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return {}
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        stats = zip(df.get("size", [""] * len(df)), df.get("mtime_ns", [""] * len(df)), strict=True)
+        return {
+            rel: Placed(label, out / p, (int(s), int(m)) if s and m else None)
+            for rel, label, p, (s, m) in zip(df["file_name"], df["label"], df["path"], stats, strict=True)
+        }
+    except (ValueError, KeyError, pd.errors.ParserError) as e:
+        raise LaunchError(
+            f"{path} is damaged ({e}); it records what organize placed, so nothing is changed. "
+            "Delete the output folder (it only holds links or copies) and organize again"
+        ) from None
+
+
+def _ours(src: Path, placed: Placed) -> bool:
+    """The file at ``placed.path`` is still the one organize put there.
+
+    True when it is the source itself (a hard link), unchanged since it was placed, or the
+    only copy left after a move; a file someone put there instead is not ours to touch.
+    """
+    old = placed.path
+    if not src.exists():
+        return True
+    with contextlib.suppress(OSError):
+        if os.path.samefile(src, old) or (placed.stat is not None and _stat(old) == placed.stat):
+            return True
+    return placed.stat is None and _same_file(src, old)
+
+
 def plan_organize(rows: list[tuple[str, str]], images: Path, out: Path) -> OrganizePlan:
-    """Decide every placement; refuse conflicts with files already in ``out``."""
+    """Decide every placement; reconcile with an earlier run; refuse conflicts with other files."""
     labels, duplicates = _check_rows(rows)
+    previous = read_manifest(out)
     plan = OrganizePlan(duplicates=duplicates)
     conflicts: list[str] = []
     for rel, label in labels.items():
         src, dst = images / rel, out / label / PurePosixPath(rel).name
         p = Placement(src, dst, label, rel)
+        before = previous.get(rel)
+        moved = before is not None and before.path != dst and before.path.exists()
+        if moved and not dst.exists() and _ours(src, before):
+            plan.relabel.append((before.path, p))  # its label changed since the last run
+            continue
+        if moved:  # the old place stays only if it is someone else's file
+            plan.stale.append(Placement(src, before.path, before.label, rel))
         if dst.exists():
             if not src.exists() or _same_file(src, dst):
                 plan.done.append(p)  # placed earlier (or moved: the source is gone)
+            elif before is not None and before.path == dst and _ours(src, before):
+                plan.update.append(p)  # our copy, but the image itself was replaced since
             else:
                 conflicts.append(f"{dst} exists and differs from {src}")
         elif src.is_file():
             plan.todo.append(p)
         else:
             plan.missing.append(rel)
+    for rel, before in previous.items():
+        if rel not in labels and before.path.exists():
+            plan.stale.append(Placement(images / rel, before.path, before.label, rel))
+    ours = [_ours(p.src, previous[p.rel]) for p in plan.stale]
+    plan.foreign = [str(p.dst) for p, mine in zip(plan.stale, ours, strict=True) if not mine]
+    plan.stale = [p for p, mine in zip(plan.stale, ours, strict=True) if mine]
     _check_collisions(plan, conflicts)
-    listed = set(labels)
-    plan.extra = (
-        sorted(
-            str(p.relative_to(images)).replace(os.sep, "/")
-            for p in images.rglob("*")
-            if p.is_file() and str(p.relative_to(images)).replace(os.sep, "/") not in listed
-        )
-        if images.is_dir()
-        else []
-    )
+    plan.extra = _extra_files(images, set(labels))
     return plan
+
+
+def _extra_files(images: Path, listed: set[str]) -> list[str]:
+    if not images.is_dir():
+        return []
+    rels = (str(p.relative_to(images)).replace(os.sep, "/") for p in images.rglob("*") if p.is_file())
+    return sorted(r for r in rels if r not in listed)
 
 
 def _check_collisions(plan: OrganizePlan, conflicts: list[str]) -> None:
     """Two CSV rows that would land on the same destination (same base name, same class)."""
     seen: dict[Path, str] = {}
-    for p in plan.todo + plan.done:
+    for p in plan.all:
         if p.dst in seen:
             conflicts.append(f"{seen[p.dst]!r} and {p.rel!r} would both become {p.dst}")
         seen[p.dst] = p.rel
@@ -228,8 +306,23 @@ def place(p: Placement, mode: str) -> str:
 
 
 def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
-    """Place every pending file; a source still present beside a finished move is removed."""
+    """Reconcile, then place every pending file; a source beside a finished move is removed.
+
+    Every step keeps each image somewhere whole: relabels are renames inside ``out``, an
+    updated file replaces ours atomically, and a stale file is only unlinked while its
+    source exists (after a move it is moved back to the images folder instead).
+    """
     counts: Counter[str] = Counter()
+    for old, p in plan.relabel:
+        p.dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(old, p.dst)
+        counts["relabelled"] += 1
+    for p in plan.update:
+        tmp = p.dst.with_name(p.dst.name + _TMP_SUFFIX)
+        tmp.unlink(missing_ok=True)
+        place(Placement(p.src, tmp, p.label, p.rel), "copy" if mode == "move" else mode)
+        os.replace(tmp, p.dst)
+        counts["updated"] += 1
     for p in plan.todo:
         try:
             counts[place(p, mode)] += 1
@@ -237,25 +330,73 @@ def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
             if not _same_file(p.src, p.dst):
                 raise LaunchError(f"{p.dst} appeared meanwhile and differs from {p.src}") from None
             counts["already"] += 1
+    for p in plan.stale:
+        counts[remove_stale(p)] += 1
     if mode == "move":  # finish moves interrupted between link and unlink
         for p in plan.done:
             if p.src.exists() and _same_file(p.src, p.dst):
                 p.src.unlink()
                 counts["finished move"] += 1
+    _remove_empty_class_folders(plan)
+    return counts
+
+
+def remove_stale(p: Placement) -> str:
+    """Take a file the CSV no longer lists out of the tree, never losing its only copy."""
+    if p.src.exists():
+        p.dst.unlink()
+        return "removed"
+    p.src.parent.mkdir(parents=True, exist_ok=True)
+    place(Placement(p.dst, p.src, p.label, p.rel), "move")  # it was moved here: give it back
+    return "returned to the images folder"
+
+
+def _remove_empty_class_folders(plan: OrganizePlan) -> None:
+    """Class folders that reconciling emptied would make the tree an invalid ImageFolder."""
+    for folder in {p.dst.parent for p in plan.stale} | {old.parent for old, _ in plan.relabel}:
+        with contextlib.suppress(OSError):  # not empty: someone else's files are there
+            folder.rmdir()
+
+
+def disk_counts(out: Path) -> Counter[str]:
+    """Files per class folder of ``out``, as they are on disk (hidden and temporary ones aside)."""
+    counts: Counter[str] = Counter()
+    if not out.is_dir():
+        return counts
+    for folder in sorted(d for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        counts[folder.name] = sum(
+            1
+            for f in folder.rglob("*")
+            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_TMP_SUFFIX)
+        )
     return counts
 
 
 def write_manifest(plan: OrganizePlan, out: Path) -> Path:
     import pandas as pd
 
-    rows = [{"file_name": p.rel, "label": p.label, "path": str(p.dst.relative_to(out))} for p in plan.all]
+    rows = [
+        {"file_name": p.rel, "label": p.label, "path": str(p.dst.relative_to(out)), **_stat_columns(p.dst)}
+        for p in plan.all
+    ]
     path = out / MANIFEST
-    pd.DataFrame(rows, columns=["file_name", "label", "path"]).to_csv(path, index=False)
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    pd.DataFrame(rows, columns=["file_name", "label", "path", "size", "mtime_ns"]).to_csv(tmp, index=False)
+    os.replace(tmp, path)  # a killed run leaves the old manifest or the new one, never half of one
     return path
 
 
+def _stat_columns(path: Path) -> dict[str, object]:
+    try:
+        size, mtime = _stat(path)
+    except OSError:  # --allow-missing after a move: nothing there to describe
+        return {"size": "", "mtime_ns": ""}
+    return {"size": size, "mtime_ns": mtime}
+
+
 def class_table(plan: OrganizePlan) -> str:
-    counts = Counter(p.label for p in plan.all)
+    """Images per class: what is on disk after a run (what would be, for a dry run)."""
+    counts = plan.on_disk or Counter(p.label for p in plan.all)
     width = max([len(c) for c in counts] + [5])
     lines = [f"{'class':<{width}}  images"]
     lines += [f"{c:<{width}}  {n:>6}" for c, n in sorted(counts.items())]
@@ -272,6 +413,22 @@ def _report(plan: OrganizePlan) -> None:
         )
     if plan.duplicates:
         log.warning("%d CSV row(s) repeat a file with the same label (used once)", plan.duplicates)
+    for what, items in (
+        ("changed label since the last organize (moved to the new class)", [p.rel for _, p in plan.relabel]),
+        (
+            "were replaced in the images folder since the last organize (updated)",
+            [p.rel for p in plan.update],
+        ),
+        ("are no longer in the CSV (taken out of the organised tree)", [p.rel for p in plan.stale]),
+    ):
+        if items:
+            log.warning("%d file(s) %s, e.g. %s", len(items), what, ", ".join(items[:_SHOW]))
+    if plan.foreign:
+        log.warning(
+            "%d file(s) an earlier organize placed were replaced by other files since; left alone: %s",
+            len(plan.foreign),
+            ", ".join(plan.foreign[:_SHOW]),
+        )
 
 
 def organize(
@@ -303,9 +460,13 @@ def organize(
     _report(plan)
     if dry_run:
         log.info(
-            "dry run: would place %d file(s) (%s), %d already in place, %d missing",
+            "dry run: would place %d file(s) (%s), relabel %d, update %d, take out %d; %d already in "
+            "place, %d missing",
             len(plan.todo),
             mode,
+            len(plan.relabel),
+            len(plan.update),
+            len(plan.stale),
             len(plan.done),
             len(plan.missing),
         )
@@ -318,7 +479,9 @@ def organize(
         raise LaunchError(
             f"cannot write to {e.filename or out}: {e.strerror}; choose a writable --out"
         ) from e
-    if plan.todo or counts:
+    plan.on_disk = disk_counts(out)
+    _check_disk(plan, out)
+    if plan.changes or counts:
         log.info(
             "placed %d file(s): %s; %d already in place",
             len(plan.todo),
@@ -328,6 +491,23 @@ def organize(
     else:
         log.info("nothing to do: all %d file(s) already in place in %s", len(plan.done), out)
     return plan
+
+
+def _check_disk(plan: OrganizePlan, out: Path) -> None:
+    """Say so when the tree holds files this CSV did not place (someone else's)."""
+    expected = Counter(p.label for p in plan.all)
+    if plan.on_disk != expected:
+        diff = {
+            c: (plan.on_disk[c], expected[c])
+            for c in plan.on_disk | expected
+            if plan.on_disk[c] != expected[c]
+        }
+        log.warning(
+            "%s holds files the CSV does not place there (class: on disk vs from the CSV): %s; "
+            "they are not organize's and were left alone",
+            out,
+            ", ".join(f"{c}: {a} vs {b}" for c, (a, b) in sorted(diff.items())[:_SHOW]),
+        )
 
 
 def cleanup_temporaries(out: Path) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,9 +131,21 @@ def compute_stats(
 
 
 def stats_cache_path(samples: Samples, resize: Sequence[int], cache_dir: str | Path) -> Path:
-    """One cache file per (image list, resize): a changed dataset gets new stats."""
-    key = dataset_key(len(samples), list(resize), *samples.paths.tolist())
+    """One cache file per (image list, each file's size and mtime, resize).
+
+    A file replaced under the same name changes the key, so stats are never stale.
+    """
+    files = [(p, *_stat(p)) for p in samples.paths.tolist()]
+    key = dataset_key(len(samples), list(resize), *files)
     return Path(cache_dir) / f"stats-{key}.json"
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1  # missing: decoding will name it
+    return st.st_size, st.st_mtime_ns
 
 
 def cached_stats(

@@ -79,7 +79,7 @@ def test_synthetic_flat_folder_becomes_class_folders(tmp_path: Path) -> None:
     one = next((tmp_path / "out" / "disc").iterdir())
     assert one.stat().st_ino == (tmp_path / "s" / "images" / one.name).stat().st_ino
     manifest = (tmp_path / "out" / org.MANIFEST).read_text().splitlines()
-    assert manifest[0] == "file_name,label,path" and len(manifest) == 13
+    assert manifest[0] == "file_name,label,path,size,mtime_ns" and len(manifest) == 13
 
 
 def test_second_run_changes_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -290,3 +290,100 @@ def test_move_killed_midway_by_a_signal_then_rerun(tmp_path: Path) -> None:
         assert all(p.read_bytes() == f"bytes of {n}".encode() for p in where)
     assert subprocess.run(cmd, cwd=REPO, capture_output=True).returncode == 0
     assert sum(1 for _ in out.rglob("*.png")) == 3000 and not any(images.iterdir())
+
+
+# ----------------------------------------------------------------------------- reconciling
+
+
+def classes_of(out: Path) -> dict[str, list[str]]:
+    """{file name: [every class folder holding it]} for the organised tree."""
+    found: dict[str, list[str]] = {}
+    for p in sorted(out.rglob("*.png")):
+        found.setdefault(p.name, []).append(p.parent.name)
+    return found
+
+
+@pytest.mark.parametrize("mode", ["link", "copy", "symlink", "move"])
+def test_a_changed_label_moves_the_file_and_the_table_matches_the_disk(mode: str, tmp_path: Path) -> None:
+    names = [f"img_{i}.png" for i in range(6)]
+    images = flat(tmp_path, names)
+    rows = [(n, "cat" if i < 3 else "dog") for i, n in enumerate(names)]
+    csv_path = write_csv(tmp_path / "l.csv", rows)
+    out = tmp_path / "out"
+    organize(csv_path, images, out, mode=mode)
+    rows[0] = ("img_0.png", "dog")  # the fix a user makes to a mislabelled image
+    plan = organize(write_csv(csv_path, rows), images, out, mode=mode)
+    assert [p.rel for _, p in plan.relabel] == ["img_0.png"]
+    assert classes_of(out) == {n: [lab] for n, lab in rows}  # each image once, under its label
+    assert plan.on_disk == {"cat": 2, "dog": 4}
+    table = dict(line.split()[:2] for line in org.class_table(plan).splitlines()[1:-1])
+    assert table == {"cat": "2", "dog": "4"}
+    assert (out / "dog" / "img_0.png").read_bytes() == b"bytes of img_0.png"
+    again = organize(csv_path, images, out, mode=mode)  # and it settles
+    assert again.changes == 0 and classes_of(out) == {n: [lab] for n, lab in rows}
+
+
+@pytest.mark.parametrize("mode", ["link", "move"])
+def test_rows_dropped_from_the_csv_leave_the_tree_never_the_images(mode: str, tmp_path: Path) -> None:
+    names = ["a.png", "b.png", "c.png"]
+    images = flat(tmp_path, names)
+    out = tmp_path / "out"
+    organize(
+        write_csv(tmp_path / "l.csv", [("a.png", "x"), ("b.png", "x"), ("c.png", "y")]),
+        images,
+        out,
+        mode=mode,
+    )
+    plan = organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, out, mode=mode)
+    assert sorted(p.rel for p in plan.stale) == ["b.png", "c.png"]
+    assert classes_of(out) == {"a.png": ["x"]} and not (out / "y").exists()  # emptied class removed
+    # nothing is lost: b and c are in the images folder (moved back after a move)
+    assert (images / "b.png").read_bytes() == b"bytes of b.png" and (images / "c.png").exists()
+    assert plan.on_disk == {"x": 1}
+
+
+def test_a_file_organize_did_not_place_is_never_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = flat(tmp_path, ["a.png", "b.png"])
+    out = tmp_path / "out"
+    organize(write_csv(tmp_path / "l.csv", [("a.png", "x"), ("b.png", "x")]), images, out, mode="copy")
+    (out / "x" / "b.png").unlink()
+    (out / "x" / "b.png").write_bytes(b"a user's own file")  # replaces organize's copy
+    (out / "x" / "mine.png").write_bytes(b"another user file")
+    plan = organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, out, mode="copy")
+    assert plan.stale == [] and plan.foreign == [str(out / "x" / "b.png")]
+    assert (out / "x" / "b.png").read_bytes() == b"a user's own file" and (out / "x" / "mine.png").exists()
+    assert plan.on_disk == {"x": 3} and "left alone" in caplog.text  # the table says what is there
+
+
+def test_a_replaced_source_image_is_updated_in_the_tree(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    out = tmp_path / "out"
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x")])
+    organize(csv_path, images, out)
+    (images / "a.png").unlink()
+    (images / "a.png").write_bytes(b"a better picture")  # a new file: the old hard link is stale
+    plan = organize(csv_path, images, out)
+    assert len(plan.update) == 1 and (out / "x" / "a.png").read_bytes() == b"a better picture"
+
+
+def test_move_keeps_the_source_when_the_destination_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deterministic: the destination write fails, so the source must still be there."""
+    images = flat(tmp_path, ["a.png", "b.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x"), ("b.png", "x")])
+
+    def no_link(src: object, dst: object) -> None:
+        raise OSError(18, "Invalid cross-device link")  # EXDEV: forces the copy path
+
+    def failing_copy(fi: object, fo: object, *a: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(org.shutil, "copyfileobj", failing_copy)
+    with pytest.raises(LaunchError, match="No space left"):
+        organize(csv_path, images, tmp_path / "out", mode="move")
+    assert (images / "a.png").read_bytes() == b"bytes of a.png" and (images / "b.png").exists()
+    assert not (tmp_path / "out" / "x" / "a.png").exists()
