@@ -130,6 +130,9 @@ def write_preview(
 
 def check_output_path(path: Path, what: str) -> None:
     """Fail before any work if ``path`` cannot be written (a file in the way, no permission)."""
+    blocking = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise LaunchError(f"{what} {path}: {blocking} is a file, not a folder; choose another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

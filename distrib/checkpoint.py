@@ -154,7 +154,9 @@ def read_torch_file(path: str | Path, what: str) -> Any:
 
 
 def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:160] if text.strip() else ""
+    """torch's first sentence, without miniz's paragraph of advice."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first.split(". This is an internal")[0][:160]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -400,9 +400,8 @@ def _build_section(cls: type, name: str, data: Any, errors: list[str]) -> Any:
             errors.append(f"{name}.{key}: {value!r} is not one of {', '.join(choices)}")
             continue
         problem = _range_problem(value, fields[key].metadata.get("range"))
-        if problem:
+        if problem:  # kept in values, so the section's cross-field checks see what was given
             errors.append(f"{name}.{key} = {_show(value)} {problem}")
-            continue
         values[key] = value
     try:
         return cls(**values)

@@ -55,10 +55,8 @@ def earlier_run(cfg: Config, path: Path) -> list[str]:
     """Files of an earlier training run in ``path`` (and its checkpoint folder)."""
     found = [name for name in RUN_OUTPUTS if (path / name).exists()]
     folder = checkpoint_folder(cfg.checkpoint.dir, path)
-    if folder.is_dir():
-        found += [str(p) for p in sorted(folder.glob("ckpt-*.pt"))[-2:]]
-        found += [str(folder / "best.pt")] if (folder / "best.pt").exists() else []
-    return found
+    ckpts = [*folder.glob("ckpt-*.pt"), *folder.glob("best.pt")] if folder.is_dir() else []
+    return found + ([f"{len(ckpts)} checkpoint(s) in {folder}"] if ckpts else [])
 
 
 def claim_run_dir(cfg: Config, path: Path) -> str | None:
@@ -71,7 +69,7 @@ def claim_run_dir(cfg: Config, path: Path) -> str | None:
         return None
     if not cfg.run.overwrite:
         return (
-            f"run directory {path} already holds a run ({', '.join(found[:4])}); a new run there would "
+            f"run directory {path} already holds a run ({', '.join(found)}); a new run there would "
             "mix the two. Continue it with --resume auto, choose another run.name, or set "
             "run.overwrite = true (--set run.overwrite=true) to delete the old run's files first"
         )
