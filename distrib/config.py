@@ -372,10 +372,9 @@ def _range_problem(value: Any, allowed: Range | None) -> str | None:
         if isinstance(x, float) and not math.isfinite(x):
             return "is not a finite number"
         if allowed is not None and x not in allowed:
-            item = f" ({_num(x)})" if isinstance(value, tuple) else ""
-            return (
-                f"is out of range{item}: {'each value ' if isinstance(value, tuple) else ''}must be {allowed}"
-            )
+            if isinstance(value, tuple):
+                return f"is out of range: each value must be {allowed} ({_num(x)} is not)"
+            return f"is out of range: must be {allowed}"
     return None
 
 
