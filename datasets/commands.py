@@ -113,6 +113,7 @@ def write_preview(
         batch_size=min(cfg.data.batch_size, 16),
         num_workers=0,
         train=True,
+        sampler=cfg.data.sampler,
         on_bad_image="skip",
         pad_variable=cfg.data.pad_variable,
     )

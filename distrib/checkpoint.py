@@ -138,14 +138,16 @@ def read_torch_file(path: str | Path, what: str) -> Any:
     except pickle.UnpicklingError as e:
         text = str(e)
         code = re.search(r"GLOBAL ([\w.]+)", text)
-        if "Weights only load failed" in text:
-            found = f" (it refers to {code.group(1)})" if code else ""
+        if code:
             raise LaunchError(
-                f"{what} {path} holds pickled Python objects{found}, not only tensors and plain "
-                "values, so it was refused: it is not a launch.py checkpoint or state dict. "
-                "Re-save its tensors with torch.save(model.state_dict()) from a trusted source"
+                f"{what} {path} holds pickled Python objects (it refers to {code.group(1)}), not only "
+                "tensors and plain values, so it was refused: it is not a launch.py checkpoint or state "
+                "dict. Re-save its tensors with torch.save(model.state_dict()) from a trusted source"
             ) from None
-        raise LaunchError(f"{what} {path} is not a torch file or is damaged ({_first_line(text)})") from None
+        why = re.search(r"Unsupported[^\n]*", text)
+        raise LaunchError(
+            f"{what} {path} is not a torch file or is damaged ({why.group(0) if why else _first_line(text)})"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
         why = _first_line(str(e)) or type(e).__name__
         raise LaunchError(

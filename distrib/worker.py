@@ -74,7 +74,8 @@ def claim_run_dir(cfg: Config, path: Path) -> str | None:
             "run.overwrite = true (--set run.overwrite=true) to delete the old run's files first"
         )
     log.warning("run.overwrite = true: removing the earlier run in %s", path)
-    shutil.rmtree(path)
+    if path.exists():
+        shutil.rmtree(path)
     folder = checkpoint_folder(cfg.checkpoint.dir, path)
     for old in [*folder.glob("ckpt-*.pt"), folder / "best.pt"] if folder.is_dir() else []:
         old.unlink(missing_ok=True)

@@ -124,3 +124,97 @@ def test_malformed_set_items(item: str) -> None:
         parse_override(item)
     with pytest.raises(ConfigError):
         load_config(None, [item])
+
+
+# ----------------------------------------------------------------------------- ranges
+
+
+def _numeric_fields() -> list[tuple[str, str, object]]:
+    import dataclasses
+    import typing
+
+    out = []
+    for sec in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[sec.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            args = typing.get_args(tp)
+            if tp in (int, float) or any(a in (int, float) for a in args for a in typing.get_args(a) or (a,)):
+                out.append((sec.name, f.name, f.metadata.get("range")))
+    return out
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    fields = _numeric_fields()
+    assert len(fields) >= 25
+    assert [f"{s}.{k}" for s, k, r in fields if r is None] == []
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        ("optim.momentum=-1", "optim.momentum = -1 is out of range: must be in [0, 1]"),
+        ("optim.weight_decay=-1", "optim.weight_decay = -1 is out of range: must be >= 0"),
+        ("optim.lr=0", "optim.lr = 0 is out of range: must be > 0"),
+        ("optim.gamma=2", "optim.gamma = 2 is out of range: must be in (0, 1]"),
+        ("model.width=0", "model.width = 0 is out of range: must be >= 1"),
+        ("model.dropout=1", "model.dropout = 1 is out of range: must be in [0, 1)"),
+        ("data.std=[0,0,0]", "data.std = [0, 0, 0] is out of range: each value must be in (0, 1] (0 is not)"),
+        ("data.mean=[0.5,2,0.5]", "data.mean = [0.5, 2, 0.5] is out of range: each value must be in [0, 1]"),
+        ("data.batch_size=-1", "data.batch_size = -1 is out of range: must be >= 1"),
+        ("data.num_workers=-2", "data.num_workers = -2 is out of range: must be >= 0"),
+        ("data.val_fraction=1", "data.val_fraction = 1 is out of range: must be in [0, 1)"),
+        ("data.rotation=-5", "data.rotation = -5 is out of range: must be in [0, 180]"),
+        ("data.resize=[0,8]", "data.resize = [0, 8] is out of range: each value must be >= 1"),
+        ("dist.timeout_s=0", "dist.timeout_s = 0 is out of range: must be > 0"),
+        ("dist.timeout_s=-5", "dist.timeout_s = -5 is out of range: must be > 0"),
+        ("dist.timeout_s=inf", "dist.timeout_s = inf is not a finite number"),
+        ("train.accum_steps=0", "train.accum_steps = 0 is out of range: must be >= 1"),
+        ("train.label_smoothing=1.5", "train.label_smoothing = 1.5 is out of range: must be in [0, 1)"),
+        ("train.epochs=0", "train.epochs = 0 is out of range: must be >= 1"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last = 0 is out of range: must be >= 1"),
+        ("checkpoint.every_steps=-1", "checkpoint.every_steps = -1 is out of range: must be >= 0"),
+        ("run.seed=18446744073709551616", "run.seed = 18446744073709551616 is out of range"),
+        ("launch.gpus=[-1]", "launch.gpus = [-1] is out of range"),
+    ],
+)
+def test_out_of_range_values_name_key_value_and_range(item: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [item])
+    assert needle in str(e.value)
+
+
+def test_range_errors_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            None,
+            [
+                "optim.momentum=-1",
+                "model.width=0",
+                "dist.timeout_s=0",
+                "data.std=[0,0,0]",
+                "data.mean=[0.5,0.5,0.5]",
+            ],
+        )
+    assert len(e.value.errors) == 4  # and no spurious "both auto or both given" for mean/std
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**64 - 1, 0])
+def test_any_64_bit_seed_is_accepted_and_usable(seed: int) -> None:
+    import numpy as np
+
+    from datasets.folder import stratified_split
+    from distrib.seeding import derive_seed
+
+    assert load_config(None, [f"run.seed={seed}"]).run.seed == seed
+    assert 0 <= derive_seed(seed, 1, 2) < 2**63
+    tr, va = stratified_split(np.array([0, 0, 0, 1, 1, 1]), 0.3, seed)
+    assert len(tr) + len(va) == 6
+    assert derive_seed(-1, 1) != derive_seed(1, 1)
+
+
+def test_run_name_is_a_plain_folder_name() -> None:
+    for bad in ("..", "a/b", "."):
+        with pytest.raises(ConfigError, match="must be a plain folder name"):
+            load_config(None, [f"run.name={bad}"])

@@ -200,3 +200,72 @@ def test_bad_image_error_names_the_file_or_is_skipped(images: Samples, tmp_path:
         assert "Traceback" not in str(e.value)
     (batch,) = list(loader(2, "skip").epoch(0))
     assert len(batch) == 1 and [s.path for s in batch.skipped] == [str(bad)]
+
+
+# ----------------------------------------------------------------------------- through the config
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """4 classes of 8 px images: 48, 8, 8, 8 (a flat folder + CSV), as --set items."""
+    import csv
+
+    from datasets.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("imb")
+    csv_path = write_synthetic(root, classes=4, per_class=48, size=8)
+    rows = list(csv.reader(csv_path.open()))
+    seen: dict[str, int] = {}
+    keep = [rows[0]]
+    for name, label in rows[1:]:
+        seen[label] = seen.get(label, 0) + 1
+        if label == "disc" or seen[label] <= 8:
+            keep.append([name, label])
+    with (root / "imb.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(keep)
+    return [
+        f"data.csv={root / 'imb.csv'}",
+        f"data.images={root / 'images'}",
+        f"data.cache_dir={root / 'c'}",
+        "data.val_fraction=0",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.25,0.25,0.25]",
+        "model.width=4",
+    ]
+
+
+def engine_loader(sets: list[str]):
+    """The training loader exactly as `launch.py train` builds it from the config."""
+    from datasets.build import build_split
+    from distrib.train import build_engine
+
+    cfg = load_config(None, sets)
+    context = DistContext()
+    split = build_split(context, cfg)
+    return build_engine(context, cfg, split, cfg.data.mean, cfg.data.std).train, split
+
+
+def test_balanced_sampler_set_in_the_config_balances_the_batches(imbalanced: list[str]) -> None:
+    loader, split = engine_loader([*imbalanced, "data.sampler=balanced"])
+    counts = np.zeros(4)
+    for epoch in range(4):
+        for batch in loader.epoch(epoch):
+            counts += np.bincount(batch.targets.numpy(), minlength=4)
+    share = counts / counts.sum()
+    sizes = np.bincount(split.train.targets)
+    assert sorted(sizes.tolist()) == [8, 8, 8, 48]  # the data really is imbalanced
+    assert np.all(np.abs(share - 0.25) < 0.08), share  # the plain sampler would give 0.67 to class 0
+    plain, _ = engine_loader(imbalanced)
+    counts = sum(np.bincount(b.targets.numpy(), minlength=4) for b in plain.epoch(0))
+    assert counts[sizes.argmax()] / counts.sum() > 0.6
+
+
+def test_the_training_order_changes_from_epoch_to_epoch(imbalanced: list[str]) -> None:
+    loader, split = engine_loader(imbalanced)
+    orders = [[i for b in loader.epoch(e) for i in b.indices.tolist()] for e in range(3)]
+    assert all(sorted(o) == list(range(len(split.train))) for o in orders)  # each epoch: every image once
+    assert orders[0] != orders[1] != orders[2] and orders[0] != orders[2]
+    again, _ = engine_loader(imbalanced)
+    assert [i for b in again.epoch(1) for i in b.indices.tolist()] == orders[1]  # and it is seeded
