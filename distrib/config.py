@@ -512,7 +512,8 @@ def dump_config(cfg: Config) -> str:
         section = getattr(cfg, sec.name)
         lines.append(f"[{sec.name}]")
         for f in dataclasses.fields(section):
-            lines.append(f"# {f.metadata.get('doc', '')}")
+            allowed = f" Allowed: {f.metadata['range']}." if "range" in f.metadata else ""
+            lines.append(f"# {f.metadata.get('doc', '')}{allowed}")
             lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
         lines.append("")
     return "\n".join(lines)

@@ -59,14 +59,21 @@ def earlier_run(cfg: Config, path: Path) -> list[str]:
     return found + ([f"{len(ckpts)} checkpoint(s) in {folder}"] if ckpts else [])
 
 
-def claim_run_dir(cfg: Config, path: Path) -> str | None:
-    """A new training run may not mix with an earlier one in the same directory.
+def claim_run_dir(cfg: Config, path: Path, command: str = "train") -> str | None:
+    """A new run may not mix with an earlier training run in the same directory.
 
-    Returns the refusal (None = go ahead). With ``run.overwrite`` the earlier run's files
-    are removed first: the run directory and the checkpoints in ``checkpoint.dir``.
+    Returns the refusal (None = go ahead). A training run may continue (``checkpoint.resume``)
+    or, with ``run.overwrite``, remove the earlier run's files first: the run directory and
+    the checkpoints in ``checkpoint.dir``. Other commands never write into a training run.
     """
-    if cfg.checkpoint.resume or not (found := earlier_run(cfg, path)):
+    found = earlier_run(cfg, path)
+    if not found or (command == "train" and cfg.checkpoint.resume):
         return None
+    if command != "train":
+        return (
+            f"run directory {path} holds a training run ({', '.join(found)}); `{command}` would "
+            "overwrite its config.toml and mix its files. Give this command another run.name"
+        )
     if not cfg.run.overwrite:
         return (
             f"run directory {path} already holds a run ({', '.join(found)}); a new run there would "
@@ -83,11 +90,11 @@ def claim_run_dir(cfg: Config, path: Path) -> str | None:
 
 
 def make_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
-    """Rank 0 names (and for train, claims) the run; every rank gets the same directory."""
+    """Rank 0 names and claims the run directory; every rank gets the same one."""
     name = broadcast_object(ctx, run_dir_name(cfg, command) if ctx.is_main else None)
     path = Path(cfg.run.out_dir) / name
     try:
-        refusal = claim_run_dir(cfg, path) if ctx.is_main and command == "train" else None
+        refusal = claim_run_dir(cfg, path, command) if ctx.is_main else None
         refusal = broadcast_object(ctx, refusal)
         if refusal:
             raise LaunchError(refusal)

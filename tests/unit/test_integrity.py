@@ -206,6 +206,11 @@ def test_a_run_directory_belongs_to_one_run(tmp_path: Path) -> None:
     assert claim_run_dir(load_config(None, ["run.overwrite=true"]), run) is None
     assert not run.exists()  # the old run's files are gone
     assert claim_run_dir(load_config(None), tmp_path / "new") is None
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.csv").write_text("epoch\n")
+    refusal = claim_run_dir(load_config(None, ["run.overwrite=true"]), run, "preview")
+    assert refusal and "holds a training run" in refusal and "another run.name" in refusal
+    assert (run / "metrics.csv").exists()  # overwrite is for a new training run only
 
 
 def test_overwrite_also_clears_a_separate_checkpoint_folder(tmp_path: Path) -> None:
