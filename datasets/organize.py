@@ -204,6 +204,11 @@ def _ours(src: Path, placed: Placed) -> bool:
     return placed.stat is None and _same_file(src, old)
 
 
+def _unchanged(src: Path, placed: Path) -> bool:
+    """The image at ``placed`` is still the source's (or the only copy, after a move)."""
+    return not src.exists() or _same_file(src, placed)
+
+
 def plan_organize(rows: list[tuple[str, str]], images: Path, out: Path) -> OrganizePlan:
     """Decide every placement; reconcile with an earlier run; refuse conflicts with other files."""
     labels, duplicates = _check_rows(rows)
@@ -215,10 +220,10 @@ def plan_organize(rows: list[tuple[str, str]], images: Path, out: Path) -> Organ
         p = Placement(src, dst, label, rel)
         before = previous.get(rel)
         moved = before is not None and before.path != dst and before.path.exists()
-        if moved and not dst.exists() and _ours(src, before):
+        if moved and not dst.exists() and _ours(src, before) and _unchanged(src, before.path):
             plan.relabel.append((before.path, p))  # its label changed since the last run
             continue
-        if moved:  # the old place stays only if it is someone else's file
+        if moved:  # the old copy leaves the tree (unless it is someone else's); placed anew below
             plan.stale.append(Placement(src, before.path, before.label, rel))
         if dst.exists():
             if not src.exists() or _same_file(src, dst):
@@ -315,8 +320,13 @@ def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
     counts: Counter[str] = Counter()
     for old, p in plan.relabel:
         p.dst.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(old, p.dst)
-        counts["relabelled"] += 1
+        try:
+            os.rename(old, p.dst)
+            counts["relabelled"] += 1
+        except FileNotFoundError:  # another node sharing this folder did it first
+            if not p.dst.exists():
+                raise
+            counts["already"] += 1
     for p in plan.update:
         tmp = p.dst.with_name(p.dst.name + _TMP_SUFFIX)
         tmp.unlink(missing_ok=True)
@@ -344,7 +354,7 @@ def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
 def remove_stale(p: Placement) -> str:
     """Take a file the CSV no longer lists out of the tree, never losing its only copy."""
     if p.src.exists():
-        p.dst.unlink()
+        p.dst.unlink(missing_ok=True)  # missing: another node sharing the folder removed it
         return "removed"
     p.src.parent.mkdir(parents=True, exist_ok=True)
     place(Placement(p.dst, p.src, p.label, p.rel), "move")  # it was moved here: give it back

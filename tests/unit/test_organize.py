@@ -387,3 +387,12 @@ def test_move_keeps_the_source_when_the_destination_cannot_be_written(
         organize(csv_path, images, tmp_path / "out", mode="move")
     assert (images / "a.png").read_bytes() == b"bytes of a.png" and (images / "b.png").exists()
     assert not (tmp_path / "out" / "x" / "a.png").exists()
+
+
+def test_a_relabelled_and_replaced_copy_converges_in_one_run(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    out = tmp_path / "out"
+    organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, out, mode="copy")
+    (images / "a.png").write_bytes(b"new pixels")
+    organize(write_csv(tmp_path / "l.csv", [("a.png", "y")]), images, out, mode="copy")
+    assert classes_of(out) == {"a.png": ["y"]} and (out / "y" / "a.png").read_bytes() == b"new pixels"
