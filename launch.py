@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distrib.config import Config, dump_config, load_config
-from distrib.context import resolve_backend
+from distrib.context import resolve_backend, started_as_rank
 from distrib.devices import (
     AppliedEnv,
     DevicePlan,
@@ -58,7 +58,6 @@ log = logging.getLogger("launch")
 Job = Callable[..., int]
 
 COMMANDS = ("train", "eval", "check", "organize", "stats", "preview", "env", "config", "bench")
-WORKER_VARS = ("RANK", "WORLD_SIZE")
 SCRIPT = str(Path(__file__).resolve())
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
 
@@ -172,13 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch: start-up vs torchrun; data: loader and stats throughput; "
         "overhead: train step time vs a bare DDP loop",
     )
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=int, help="rounds (launch, data: 5; overhead: 24 block pairs)")
     bench.add_argument("--nproc", type=int, default=2, help="launch: processes")
     bench.add_argument("--data", help="data: an ImageFolder root (e.g. from make_imagefolder.py)")
     bench.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
-    bench.add_argument("--batch", type=int, default=8, help="data: batch size")
-    bench.add_argument("--size", type=int, default=1024, help="data: the recipe's Resize((S, S))")
-    bench.add_argument("--steps", type=int, default=40, help="overhead: timed steps per launch")
+    bench.add_argument("--batch", type=int, help="images per batch (data: 8; overhead: 32 per rank)")
+    bench.add_argument(
+        "--size", type=int, help="data: the recipe's Resize((S, S)), 1024; overhead: image px, 64"
+    )
+    bench.add_argument("--steps", type=int, help="overhead: optimizer steps per block (6)")
     return parser
 
 
@@ -207,11 +208,6 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 # --------------------------------------------------------------------------- steps
-
-
-def is_worker_env(env: os._Environ[str] | dict[str, str]) -> bool:
-    """True when torchrun (or anything like it) already made this process a rank."""
-    return any(v in env for v in WORKER_VARS)
 
 
 def prepare_devices(cfg: Config, need_inventory: bool) -> tuple[DevicePlan, AppliedEnv, Inventory]:
@@ -270,7 +266,7 @@ def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inv
 def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
     """Worker (under torchrun/SLURM/alone) or launcher (with --nproc-per-node)."""
     nproc = getattr(args, "nproc_per_node", None)
-    spawning = nproc is not None and not is_worker_env(os.environ)
+    spawning = nproc is not None and not started_as_rank(os.environ)
     if cfg.run.deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS reads it when CUDA starts
     plan, applied, inventory = prepare_devices(cfg, need_inventory=spawning)
@@ -281,11 +277,11 @@ def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
         log.warning("--nproc-per-node ignored: this process is already a rank (torchrun)")
     from distrib.worker import run_recorded, run_worker
 
-    job = job_for(args)  # imports torch: only now, after the CUDA variables are set
-    return run_recorded(lambda: run_worker(cfg, plan, applied, args.command, job))
+    job = job_for(args, applied)  # imports torch: only now, after the CUDA variables are set
+    return run_recorded(lambda: run_worker(cfg, plan, args.command, job))
 
 
-def job_for(args: argparse.Namespace) -> Job:
+def job_for(args: argparse.Namespace, applied: AppliedEnv) -> Job:
     """The worker function of a command (imported late: torch loads only after the CUDA env)."""
     import functools
 
@@ -298,34 +294,58 @@ def job_for(args: argparse.Namespace) -> Job:
 
         return functools.partial(preview_job, out=args.out)
     if args.command == "eval":
-        from distrib.evaluate import eval_job
+        from distrib.engine.evaluate import eval_job
 
         return functools.partial(eval_job, checkpoint=args.checkpoint, data_dir=args.data)
     if args.command == "check":
         from distrib.check import check_job
 
-        return check_job
-    from distrib.train import train_job
+        return functools.partial(check_job, applied=applied)
+    from distrib.engine.train import train_job
 
     return train_job
 
 
 def run_organize(args: argparse.Namespace) -> int:
     """``organize``: no torch, no workers; the class table goes to stdout."""
-    from datasets.organize import class_table, organize
+    from datasets.organize import LabelCsv, class_table, organize
 
     plan = organize(
-        args.csv,
+        LabelCsv(args.csv, args.file_col, args.label_col),
         args.images,
         args.out,
-        file_col=args.file_col,
-        label_col=args.label_col,
         mode=args.mode,
         dry_run=args.dry_run,
         allow_missing=args.allow_missing,
     )
     sys.stdout.write(class_table(plan) + "\n")
     return 0
+
+
+BENCH_DEFAULTS = {
+    "launch": {"repeats": 5},
+    "data": {"repeats": 5, "batch": 8, "size": 1024},
+    "overhead": {"repeats": 24, "steps": 6, "batch": 32, "size": 64},
+}
+
+
+def run_bench(args: argparse.Namespace, cfg: Config) -> int:
+    """``bench launch|data|overhead``: each benchmark module gets plain arguments."""
+    from distrib.bench.toolkit import bench_dir
+
+    out = bench_dir(cfg.run.out_dir, cfg.run.name, args.what)
+    opt = {k: v if (v := getattr(args, k)) is not None else d for k, d in BENCH_DEFAULTS[args.what].items()}
+    if args.what == "launch":
+        from distrib.bench import startup
+
+        return startup.main(out, args.nproc, opt["repeats"])
+    if args.what == "data":
+        from distrib.bench import data
+
+        return data.main(out, args.data, opt["repeats"], args.workers, opt["batch"], opt["size"])
+    from distrib.bench import overhead
+
+    return overhead.main(out, opt["repeats"], opt["steps"], opt["batch"], opt["size"])
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
@@ -344,9 +364,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         return run_organize(args)
     if args.command == "bench":
         prepare_devices(cfg, need_inventory=False)
-        from distrib.bench import main_bench
-
-        return main_bench(args, cfg)
+        return run_bench(args, cfg)
     return run_job(args, argv, cfg)
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.folder import Samples, check_same_classes, dataset_key, scan_imagefolder, stratified_split
-from datasets.organize import organize
+from datasets.organize import LabelCsv, organize
+from datasets.stats import cached_stats
 from distrib.config import Config, DataSection
 from distrib.context import DistContext
 from distrib.errors import LaunchError
@@ -34,7 +35,7 @@ def organized_root(ctx: DistContext, data: DataSection) -> Path:
     csv, images = Path(data.csv).resolve(), Path(data.images).resolve()
     out = Path(data.cache_dir) / f"{csv.stem}-{dataset_key(csv, images, data.file_col, data.label_col)}"
     if ctx.local_rank == 0:
-        organize(csv, images, out, file_col=data.file_col, label_col=data.label_col, mode="link")
+        organize(LabelCsv(csv, data.file_col, data.label_col), images, out, mode="link")
     barrier(ctx)
     return out
 
@@ -82,3 +83,21 @@ def build_split(ctx: DistContext, cfg: Config) -> DataSplit:
         return DataSplit(full, val, root)
     tr, va = stratified_split(full.targets, data.val_fraction, cfg.run.seed)
     return DataSplit(full.subset(tr), full.subset(va), root)
+
+
+def normalization(
+    ctx: DistContext, cfg: Config, split: DataSplit
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """data.mean/std as given, or exact stats of the training split (cached per dataset)."""
+    data = cfg.data
+    if not isinstance(data.mean, str) and not isinstance(data.std, str):
+        return tuple(data.mean), tuple(data.std)
+    stats = cached_stats(
+        split.train,
+        ctx,
+        resize=data.resize,
+        cache_dir=data.stats_cache,
+        num_workers=data.num_workers,
+        skip_bad=data.on_bad_image == "skip",
+    )
+    return stats.mean, stats.std

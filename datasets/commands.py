@@ -10,15 +10,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from datasets.build import DataSplit, build_split
-from datasets.folder import IMG_EXTENSIONS, scan_imagefolder, write_class_map
-from datasets.loader import build_loader
-from datasets.preview import save_preview
-from datasets.stats import cached_stats, compute_stats, format_stats
-from datasets.transforms import Normalizer, train_transform
+from datasets.build import build_split, normalization
+from datasets.folder import IMG_EXTENSIONS, scan_imagefolder, write_bad_images, write_class_map
+from datasets.preview import write_preview
+from datasets.stats import compute_stats, format_stats
 from distrib.config import Config
 from distrib.context import DistContext
-from distrib.devices import AppliedEnv
 from distrib.errors import LaunchError
 
 log = logging.getLogger(__name__)
@@ -42,7 +39,6 @@ def stats_job(
     ctx: DistContext,
     cfg: Config,
     run_dir: Path,
-    applied: AppliedEnv,
     *,
     data_dir: str,
     resize: Sequence[int] | None,
@@ -69,66 +65,6 @@ def stats_job(
     return 0
 
 
-def write_bad_images(run_dir: Path, paths: Sequence[str]) -> None:
-    """bad_images.txt in the run directory: the files data.on_bad_image = 'skip' left out."""
-    if paths:
-        (run_dir / "bad_images.txt").write_text("".join(f"{p}\n" for p in sorted(set(paths))))
-        log.warning(
-            "%d undecodable image(s) skipped; list in %s", len(set(paths)), run_dir / "bad_images.txt"
-        )
-
-
-def normalization(
-    ctx: DistContext, cfg: Config, split: DataSplit
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """data.mean/std as given, or exact stats of the training split (cached per dataset)."""
-    data = cfg.data
-    if not isinstance(data.mean, str) and not isinstance(data.std, str):
-        return tuple(data.mean), tuple(data.std)
-    stats = cached_stats(
-        split.train,
-        ctx,
-        resize=data.resize,
-        cache_dir=data.stats_cache,
-        num_workers=data.num_workers,
-        skip_bad=data.on_bad_image == "skip",
-    )
-    return stats.mean, stats.std
-
-
-def write_preview(
-    ctx: DistContext,
-    cfg: Config,
-    split: DataSplit,
-    mean: Sequence[float],
-    std: Sequence[float],
-    path: str | Path,
-) -> Path | None:
-    """Grid of one augmented batch of this rank's shard, normalised on the device and back."""
-    loader = build_loader(
-        split.train,
-        train_transform(cfg.data),
-        ctx,
-        seed=cfg.run.seed,
-        batch_size=min(cfg.data.batch_size, 16),
-        num_workers=0,
-        train=True,
-        sampler=cfg.data.sampler,
-        on_bad_image="skip",
-        pad_variable=cfg.data.pad_variable,
-    )
-    batch = next(iter(loader.epoch(0)), None)
-    if batch is None or len(batch) == 0:
-        log.warning("no batch to preview")
-        return None
-    norm = Normalizer(mean, std, ctx.device)
-    shown = norm.denormalize(norm(batch.to(ctx.device).images))
-    captions = [split.classes[int(t)] for t in batch.targets]
-    out = save_preview(shown, captions, path)
-    log.info("preview of %d images (%s) written to %s", len(batch), ", ".join(sorted(set(captions))), out)
-    return out
-
-
 def check_output_path(path: Path, what: str) -> None:
     """Fail before any work if ``path`` cannot be written (a file in the way, no permission)."""
     blocking = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
@@ -147,7 +83,7 @@ def check_output_path(path: Path, what: str) -> None:
         raise LaunchError(f"{what} {path}: folder {path.parent} is not writable; choose another path")
 
 
-def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv, *, out: str | None) -> int:
+def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, *, out: str | None) -> int:
     """One augmented training batch as a captioned grid (rank 0), plus the class map."""
     if ctx.is_main and out:
         check_output_path(Path(out), "preview --out")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,4 +153,13 @@ def check_same_classes(train: Samples, val: Samples, val_root: str) -> None:
             f"data.val_root {val_root} has other classes than the training data "
             f"(only in training: {only_t[:_SHOW]}, only in validation: {only_v[:_SHOW]}); "
             "both need the same class folders"
+        )
+
+
+def write_bad_images(run_dir: Path, paths: Sequence[str]) -> None:
+    """bad_images.txt in the run directory: the files data.on_bad_image = 'skip' left out."""
+    if paths:
+        (run_dir / "bad_images.txt").write_text("".join(f"{p}\n" for p in sorted(set(paths))))
+        log.warning(
+            "%d undecodable image(s) skipped; list in %s", len(set(paths)), run_dir / "bad_images.txt"
         )

@@ -22,9 +22,10 @@ from datasets.collate import Batch, Skipped, collate_uint8
 from datasets.folder import Samples
 from datasets.samplers import BalancedSampler, ExactEvalSampler, TrainSampler
 from datasets.transforms import BadImageError, decode_uint8
+from distrib.config import Config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
-from distrib.seeding import LOADER, WorkerSeeder, derive_seed, sample_seed
+from distrib.seeding import WorkerSeeder, loader_seed, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class ImageLoader:
         if isinstance(self.loader.worker_init_fn, WorkerSeeder):
             self.loader.worker_init_fn.epoch = epoch
         if self.loader.generator is not None:
-            self.loader.generator.manual_seed(derive_seed(self.seed, LOADER, self.rank, epoch))
+            self.loader.generator.manual_seed(loader_seed(self.seed, self.rank, epoch))
         return _unwrap_worker_errors(iter(self.loader))
 
 
@@ -125,34 +126,50 @@ def make_sampler(
     return TrainSampler(len(samples), ctx, seed)
 
 
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How a rank's loader batches: everything but the samples, the transform and the rank."""
+
+    seed: int
+    batch_size: int
+    num_workers: int = 0
+    train: bool = False  # training: shuffled (or balanced) shards; else exact eval shards
+    sampler: str = "distributed"  # training only: distributed or balanced
+    on_bad_image: str = "error"
+    pad_variable: bool = False
+
+    @staticmethod
+    def from_config(cfg: Config, *, train: bool) -> LoaderSpec:
+        """The loader ``launch.py train`` builds for the training or the validation split."""
+        d = cfg.data
+        sampler = d.sampler if train else "distributed"
+        return LoaderSpec(
+            cfg.run.seed, d.batch_size, d.num_workers, train, sampler, d.on_bad_image, d.pad_variable
+        )
+
+
 def build_loader(
     samples: Samples,
     transform: Callable[[torch.Tensor], torch.Tensor],
     ctx: DistContext,
-    *,
-    seed: int,
-    batch_size: int,
-    num_workers: int,
-    train: bool,
-    sampler: str = "distributed",
-    on_bad_image: str = "error",
-    pad_variable: bool = False,
+    spec: LoaderSpec,
     **loader_kw: Any,
 ) -> ImageLoader:
     """A seeded, sharded DataLoader of uint8 batches for this rank."""
-    dataset = ImageDataset(samples, transform, seed, on_bad_image)
-    smp = make_sampler(samples, ctx, seed, train, sampler)
-    if train and len(smp) < batch_size and len(smp) > 0:
+    seed, batch_size = spec.seed, spec.batch_size
+    dataset = ImageDataset(samples, transform, seed, spec.on_bad_image)
+    smp = make_sampler(samples, ctx, seed, spec.train, spec.sampler)
+    if spec.train and len(smp) < batch_size and len(smp) > 0:
         log.warning("this rank's shard has %d images, fewer than batch_size %d", len(smp), batch_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=smp,
-        num_workers=num_workers,
-        collate_fn=functools.partial(collate_uint8, pad=pad_variable),
-        pin_memory=ctx.device.startswith("cuda"),
+        num_workers=spec.num_workers,
+        collate_fn=functools.partial(collate_uint8, pad=spec.pad_variable),
+        pin_memory=ctx.is_cuda,
         worker_init_fn=WorkerSeeder(seed, ctx.rank),
-        generator=torch.Generator().manual_seed(derive_seed(seed, LOADER, ctx.rank, 0)),
+        generator=torch.Generator().manual_seed(loader_seed(seed, ctx.rank, 0)),
         persistent_workers=False,
         **loader_kw,
     )

@@ -71,10 +71,20 @@ class OrganizePlan:
 # --------------------------------------------------------------------------- reading
 
 
-def read_labels(csv: str | Path, file_col: str, label_col: str) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class LabelCsv:
+    """A label CSV and the names of its file and label columns."""
+
+    path: str | Path
+    file_col: str = "file_name"
+    label_col: str = "label"
+
+
+def read_labels(src: LabelCsv) -> list[tuple[str, str]]:
     """(file name, label) rows from the CSV; errors name the columns that exist."""
     import pandas as pd
 
+    csv, file_col, label_col = src.path, src.file_col, src.label_col
     path = Path(csv)
     if not path.is_file():
         raise LaunchError(f"label CSV {csv} does not exist (--csv / data.csv)")
@@ -442,17 +452,18 @@ def _report(plan: OrganizePlan) -> None:
 
 
 def organize(
-    csv: str | Path,
+    csv: str | Path | LabelCsv,
     images: str | Path,
     out: str | Path,
     *,
-    file_col: str = "file_name",
-    label_col: str = "label",
     mode: str = "link",
     dry_run: bool = False,
     allow_missing: bool = False,
 ) -> OrganizePlan:
-    """Plan, check, then place every file; returns the plan (for reports and tests)."""
+    """Plan, check, then place every file; returns the plan (for reports and tests).
+
+    ``csv`` is a path (columns file_name and label) or a :class:`LabelCsv` naming others.
+    """
     if mode not in MODES:
         raise LaunchError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     images, out = Path(images), Path(out)
@@ -460,7 +471,7 @@ def organize(
         raise LaunchError(f"images folder {images} does not exist (--images / data.images)")
     if out.is_dir() and not dry_run:
         cleanup_temporaries(out)  # partial copies of a killed run; they replaced nothing
-    plan = plan_organize(read_labels(csv, file_col, label_col), images, out)
+    plan = plan_organize(read_labels(csv if isinstance(csv, LabelCsv) else LabelCsv(csv)), images, out)
     if plan.missing and not (allow_missing or dry_run):
         raise LaunchError(
             f"{len(plan.missing)} image(s) named in {csv} are not in {images}, e.g. "

@@ -6,6 +6,8 @@ then de-normalised, so the picture shows exactly what the model is fed.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +15,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms import v2
+
+from datasets.build import DataSplit
+from datasets.loader import LoaderSpec, build_loader
+from datasets.transforms import Normalizer, train_transform
+from distrib.config import Config
+from distrib.context import DistContext
+
+log = logging.getLogger(__name__)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -48,3 +58,27 @@ def save_preview(images: torch.Tensor, captions: Sequence[str], path: str | Path
     path.parent.mkdir(parents=True, exist_ok=True)
     preview_grid(images, captions).save(path)
     return path
+
+
+def write_preview(
+    ctx: DistContext,
+    cfg: Config,
+    split: DataSplit,
+    mean: Sequence[float],
+    std: Sequence[float],
+    path: str | Path,
+) -> Path | None:
+    """Grid of one augmented batch of this rank's shard, normalised on the device and back."""
+    spec = LoaderSpec.from_config(cfg, train=True)  # the training sampler and augmentation
+    spec = dataclasses.replace(spec, batch_size=min(spec.batch_size, 16), num_workers=0, on_bad_image="skip")
+    loader = build_loader(split.train, train_transform(cfg.data), ctx, spec)
+    batch = next(iter(loader.epoch(0)), None)
+    if batch is None or len(batch) == 0:
+        log.warning("no batch to preview")
+        return None
+    norm = Normalizer(mean, std, ctx.device)
+    shown = norm.denormalize(norm(batch.to(ctx.device).images))
+    captions = [split.classes[int(t)] for t in batch.targets]
+    out = save_preview(shown, captions, path)
+    log.info("preview of %d images (%s) written to %s", len(batch), ", ".join(sorted(set(captions))), out)
+    return out

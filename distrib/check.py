@@ -45,7 +45,7 @@ def rank_report(ctx: DistContext, applied: AppliedEnv, total: float) -> dict[str
     }
 
 
-def check_job(ctx: DistContext, cfg: Config, run_dir: Path, applied: AppliedEnv) -> int:
+def check_job(ctx: DistContext, cfg: Config, run_dir: Path, *, applied: AppliedEnv) -> int:
     """Spine check: all-reduce, per-rank report, summary on rank 0."""
     start = time.perf_counter()
     value = torch.tensor([float(ctx.rank + 1)], device=ctx.device)

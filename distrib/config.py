@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import types
 import typing
@@ -47,6 +48,15 @@ class Range:
     lo_open: bool = False
     hi_open: bool = False
 
+    @staticmethod
+    def parse(text: str) -> Range:
+        """Interval notation: '[0, 1]', '(0, 1]', '[1, inf)', '(-inf, 0)'."""
+        m = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])", text)
+        if not m:
+            raise ValueError(f"not an interval: {text!r}")
+        lo, hi = (None if abs(float(v)) == math.inf else float(v) for v in (m.group(2), m.group(3)))
+        return Range(lo, hi, lo_open=m.group(1) == "(", hi_open=m.group(4) == ")")
+
     def __contains__(self, x: float) -> bool:
         if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
             return False
@@ -65,31 +75,19 @@ def _num(x: float | None) -> str:
     return repr(x) if not isinstance(x, float) or not x.is_integer() else str(int(x))
 
 
-def _f(
-    default: Any,
-    doc: str,
-    choices: tuple[str, ...] | None = None,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-) -> Any:
+def _f(default: Any, doc: str, choices: tuple[str, ...] | None = None, within: str | None = None) -> Any:
     """A dataclass field carrying its documentation and, for numbers, its allowed range.
 
-    The range is checked at load time for the value (or each item of a list), so an
-    out-of-range number is a config error naming the key, never a torch or numpy error.
+    ``within`` is an interval such as '[0, 1)' or '(0, inf)'. It is checked at load time for
+    the value (or each item of a list), so an out-of-range number is a config error naming
+    the key, never a torch or numpy error.
     """
     meta: dict[str, Any] = {"doc": doc}
     if choices:
         meta["choices"] = choices
-    if (ge, gt, le, lt) != (None, None, None, None):
-        lo, hi = (gt if ge is None else ge), (lt if le is None else le)
-        meta["range"] = Range(lo, hi, lo_open=gt is not None, hi_open=lt is not None)
+    if within:
+        meta["range"] = Range.parse(within)
     return field(default=default, metadata=meta)
-
-
-SEED_MIN, SEED_END = -(2**63), 2**64  # any 64-bit integer, signed or unsigned
 
 
 @dataclass(frozen=True)
@@ -101,8 +99,7 @@ class RunSection:
     seed: int = _f(
         0,
         "Base seed (any 64-bit integer); per-rank/worker/epoch seeds are derived from it.",
-        ge=SEED_MIN,
-        lt=SEED_END,
+        within="[-9223372036854775808, 18446744073709551616)",
     )
     deterministic: bool = _f(
         False,
@@ -128,7 +125,7 @@ class LaunchSection:
         (),
         "Physical GPU ids (nvidia-smi / PCI bus order) to use, e.g. [0, 2]; empty = "
         "leave CUDA_VISIBLE_DEVICES as it is. Overridden by --gpus.",
-        ge=0,
+        within="[0, inf)",
     )
     log_ranks: str = _f("0", "Ranks whose INFO logs are shown: '0', 'all' or a list like '0,3'.")
 
@@ -142,7 +139,9 @@ class DistSection:
         "Collective backend: auto = nccl when CUDA is usable, else gloo.",
         choices=("auto", "nccl", "gloo"),
     )
-    timeout_s: float = _f(600.0, "Seconds a rank waits for the others (init, barriers, collectives).", gt=0)
+    timeout_s: float = _f(
+        600.0, "Seconds a rank waits for the others (init, barriers, collectives).", within="(0, inf)"
+    )
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ class DataSection:
     synthetic: int = _f(
         0,
         "If > 0 and data.csv does not exist: write a demo set of this many images per class there.",
-        ge=0,
+        within="[0, inf)",
     )
     file_col: str = _f("file_name", "CSV column with the image file name (may hold sub-folders).")
     label_col: str = _f("label", "CSV column with the class label.")
@@ -166,23 +165,26 @@ class DataSection:
     )
     val_root: str = _f("", "Separate validation ImageFolder; empty = split val_fraction off root.")
     val_fraction: float = _f(
-        0.3, "Share of each class held out for validation (stratified, seeded).", ge=0, lt=1
+        0.3, "Share of each class held out for validation (stratified, seeded).", within="[0, 1)"
     )
-    batch_size: int = _f(32, "Images per batch on each rank.", ge=1)
-    num_workers: int = _f(2, "DataLoader worker processes per rank.", ge=0)
-    resize: tuple[int, ...] = _f((), "Resize every image to [H, W]; empty = keep sizes.", ge=1)
-    crop: tuple[int, ...] = _f((), "Training RandomResizedCrop [H, W]; empty = none.", ge=1)
-    crop_scale: tuple[float, ...] = _f((0.08, 1.0), "RandomResizedCrop area range [min, max].", gt=0, le=1)
-    hflip: float = _f(0.5, "Probability of a horizontal flip (training).", ge=0, le=1)
-    vflip: float = _f(0.0, "Probability of a vertical flip (training).", ge=0, le=1)
-    rotation: float = _f(0.0, "Random rotation range in degrees, +/- (training); 0 = off.", ge=0, le=180)
+    batch_size: int = _f(32, "Images per batch on each rank.", within="[1, inf)")
+    num_workers: int = _f(2, "DataLoader worker processes per rank.", within="[0, inf)")
+    resize: tuple[int, ...] = _f((), "Resize every image to [H, W]; empty = keep sizes.", within="[1, inf)")
+    crop: tuple[int, ...] = _f((), "Training RandomResizedCrop [H, W]; empty = none.", within="[1, inf)")
+    crop_scale: tuple[float, ...] = _f(
+        (0.08, 1.0), "RandomResizedCrop area range [min, max].", within="(0, 1]"
+    )
+    hflip: float = _f(0.5, "Probability of a horizontal flip (training).", within="[0, 1]")
+    vflip: float = _f(0.0, "Probability of a vertical flip (training).", within="[0, 1]")
+    rotation: float = _f(0.0, "Random rotation range in degrees, +/- (training); 0 = off.", within="[0, 180]")
     mean: str | tuple[float, ...] = _f(
         "auto",
         "Per-channel mean in [0, 1], or 'auto' = exact dataset stats, computed and cached.",
-        ge=0,
-        le=1,
+        within="[0, 1]",
     )
-    std: str | tuple[float, ...] = _f("auto", "Per-channel std in (0, 1], or 'auto' (with mean).", gt=0, le=1)
+    std: str | tuple[float, ...] = _f(
+        "auto", "Per-channel std in (0, 1], or 'auto' (with mean).", within="(0, 1]"
+    )
     sampler: str = _f(
         "distributed",
         "Training sampler: distributed (shuffled shards) or balanced (class-balanced draw).",
@@ -232,8 +234,8 @@ class ModelSection:
         "the one exception); false = load what fits and log how much.",
     )
     batchnorm: bool = _f(True, "small_cnn only: BatchNorm after each conv (false = norm-free).")
-    width: int = _f(32, "small_cnn only: channels of the first conv (doubles per stage).", ge=1)
-    dropout: float = _f(0.0, "small_cnn only: dropout probability before the head.", ge=0, lt=1)
+    width: int = _f(32, "small_cnn only: channels of the first conv (doubles per stage).", within="[1, inf)")
+    dropout: float = _f(0.0, "small_cnn only: dropout probability before the head.", within="[0, 1)")
 
 
 @dataclass(frozen=True)
@@ -241,32 +243,34 @@ class OptimSection:
     """Optimizer and learning-rate schedule."""
 
     name: str = _f("sgd", "sgd or adamw.", choices=("sgd", "adamw"))
-    lr: float = _f(0.1, "Peak learning rate (after warm-up), for the global batch.", gt=0)
-    momentum: float = _f(0.9, "SGD momentum.", ge=0, le=1)
-    weight_decay: float = _f(5e-4, "Weight decay.", ge=0)
+    lr: float = _f(0.1, "Peak learning rate (after warm-up), for the global batch.", within="(0, inf)")
+    momentum: float = _f(0.9, "SGD momentum.", within="[0, 1]")
+    weight_decay: float = _f(5e-4, "Weight decay.", within="[0, inf)")
     schedule: str = _f(
         "cosine", "cosine, step or constant (after warm-up).", choices=("cosine", "step", "constant")
     )
-    warmup_epochs: float = _f(0.0, "Linear warm-up length in epochs (fractions allowed).", ge=0)
-    step_epochs: int = _f(30, "step schedule: epochs between decays.", ge=1)
-    gamma: float = _f(0.1, "step schedule: decay factor.", gt=0, le=1)
+    warmup_epochs: float = _f(0.0, "Linear warm-up length in epochs (fractions allowed).", within="[0, inf)")
+    step_epochs: int = _f(30, "step schedule: epochs between decays.", within="[1, inf)")
+    gamma: float = _f(0.1, "step schedule: decay factor.", within="(0, 1]")
 
 
 @dataclass(frozen=True)
 class TrainSection:
     """The epoch loop."""
 
-    epochs: int = _f(10, "Epochs to train.", ge=1)
-    max_steps: int = _f(0, "Stop after this many optimizer steps in total (0 = no limit).", ge=0)
-    label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.", ge=0, lt=1)
-    grad_clip: float = _f(0.0, "Clip the global gradient norm to this (0 = off).", ge=0)
-    accum_steps: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.", ge=1)
+    epochs: int = _f(10, "Epochs to train.", within="[1, inf)")
+    max_steps: int = _f(0, "Stop after this many optimizer steps in total (0 = no limit).", within="[0, inf)")
+    label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.", within="[0, 1)")
+    grad_clip: float = _f(0.0, "Clip the global gradient norm to this (0 = off).", within="[0, inf)")
+    accum_steps: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.", within="[1, inf)")
     amp: str = _f(
         "off",
         "Mixed precision on CUDA: off, bf16 or fp16 (with GradScaler).",
         choices=("off", "bf16", "fp16"),
     )
-    log_every: int = _f(20, "Progress line (rank 0) and steps.csv row every N optimizer steps.", ge=1)
+    log_every: int = _f(
+        20, "Progress line (rank 0) and steps.csv row every N optimizer steps.", within="[1, inf)"
+    )
 
 
 @dataclass(frozen=True)
@@ -286,10 +290,16 @@ class CheckpointSection:
     """When and where rank 0 saves, and how to resume."""
 
     every_epoch: bool = _f(True, "Save at the end of every epoch.")
-    every_steps: int = _f(0, "Also save every N optimizer steps (0 = off).", ge=0)
-    keep_last: int = _f(2, "How many recent checkpoints to keep (best.pt is kept as well).", ge=1)
+    every_steps: int = _f(0, "Also save every N optimizer steps (0 = off).", within="[0, inf)")
+    keep_last: int = _f(
+        2, "How many recent checkpoints to keep (best.pt is kept as well).", within="[1, inf)"
+    )
     dir: str = _f("", "Checkpoint folder; empty = <run dir>/checkpoints.")
     resume: str = _f("", "'' (fresh), 'auto' (newest valid checkpoint of this run name) or a path.")
+
+    def folder(self, run_dir: Path) -> Path:
+        """Where checkpoints go: ``dir``, or ``<run dir>/checkpoints`` when it is empty."""
+        return Path(self.dir) if self.dir else run_dir / "checkpoints"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ class DistContext:
         return self.rank == 0
 
     @property
+    def is_cuda(self) -> bool:
+        """True when this rank computes on a CUDA device."""
+        return self.device.startswith("cuda")
+
+    @property
     def distributed(self) -> bool:
         """True when there is more than one process, i.e. a process group is needed."""
         return self.world_size > 1
@@ -55,7 +60,7 @@ class DistContext:
             cuda_device_count: CUDA devices this process can use (``torch.cuda.device_count()``
                 when CUDA is available, else 0).
         """
-        if "RANK" in env or "WORLD_SIZE" in env:
+        if started_as_rank(env):
             fields = _from_torchrun(env)
         elif "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
             fields = _from_slurm(env)
@@ -63,6 +68,14 @@ class DistContext:
             fields = {}
         ctx = DistContext(**fields)
         return _with_device(ctx, backend, cuda_device_count)
+
+
+def started_as_rank(env: Mapping[str, str]) -> bool:
+    """True when torchrun (or anything that sets its variables) already made this process a rank.
+
+    The one test of it: launch.py asks it to decide between spawning and being a worker.
+    """
+    return "RANK" in env or "WORLD_SIZE" in env
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:

@@ -37,7 +37,7 @@ def bind_device(ctx: DistContext) -> None:
     Without it, anything a rank allocates on plain "cuda" (and each rank's CUDA context)
     lands on cuda:0, the classic "every process uses memory on GPU 0" symptom.
     """
-    if ctx.device.startswith("cuda"):
+    if ctx.is_cuda:
         torch.cuda.set_device(torch.device(ctx.device))
 
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SAMPLE, WORKER, LOADER, SAMPLER = 1, 2, 3, 4  # purposes: separate streams per use
+# Seed purposes: one table, so no two uses of run.seed ever share a stream.
+SAMPLE = 1  # an item's augmentation in an epoch (datasets/loader.py)
+WORKER = 2  # a DataLoader worker's random/numpy/torch state
+LOADER = 3  # the DataLoader's own generator, per rank and epoch
+SAMPLER = 4  # the balanced sampler's draw, per epoch
+INIT = 5  # model initialisation: the same on every rank and world size
+STEPS = 6  # the training process's RNG (dropout), per rank
 _MASK63 = (1 << 63) - 1
 
 
@@ -46,9 +52,9 @@ def worker_seed(seed: int, rank: int, worker: int, epoch: int) -> int:
     return derive_seed(seed, WORKER, rank, worker, epoch)
 
 
-def loader_generator(seed: int, rank: int, epoch: int = 0) -> torch.Generator:
-    """The per-rank generator a DataLoader draws its base seed from."""
-    return torch.Generator().manual_seed(derive_seed(seed, LOADER, rank, epoch))
+def loader_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the per-rank generator a DataLoader draws its workers' base seed from."""
+    return derive_seed(seed, LOADER, rank, epoch)
 
 
 def seed_process(value: int) -> None:

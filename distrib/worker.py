@@ -18,17 +18,16 @@ from pathlib import Path
 
 import torch
 
-from distrib.checkpoint import checkpoint_folder
 from distrib.config import Config, dump_config
 from distrib.context import DistContext
-from distrib.devices import AppliedEnv, DevicePlan, verify_cuda_visibility
+from distrib.devices import DevicePlan, verify_cuda_visibility
 from distrib.errors import LaunchError
 from distrib.logs import check_log_ranks, setup_logging
 from distrib.process_group import bind_device, broadcast_object, process_group
 
 log = logging.getLogger(__name__)
 
-Job = Callable[[DistContext, Config, Path, AppliedEnv], int]
+Job = Callable[[DistContext, Config, Path], int]  # (context, config, run directory) -> exit status
 
 
 def cuda_device_count() -> int:
@@ -54,7 +53,7 @@ RUN_OUTPUTS = ("metrics.csv", "steps.csv", "summary.json")  # a train run's own 
 def earlier_run(cfg: Config, path: Path) -> list[str]:
     """Files of an earlier training run in ``path`` (and its checkpoint folder)."""
     found = [name for name in RUN_OUTPUTS if (path / name).exists()]
-    folder = checkpoint_folder(cfg.checkpoint.dir, path)
+    folder = cfg.checkpoint.folder(path)
     ckpts = [*folder.glob("ckpt-*.pt"), *folder.glob("best.pt")] if folder.is_dir() else []
     return found + ([f"{len(ckpts)} checkpoint(s) in {folder}"] if ckpts else [])
 
@@ -83,7 +82,7 @@ def claim_run_dir(cfg: Config, path: Path, command: str = "train") -> str | None
     log.warning("run.overwrite = true: removing the earlier run in %s", path)
     if path.exists():
         shutil.rmtree(path)
-    folder = checkpoint_folder(cfg.checkpoint.dir, path)
+    folder = cfg.checkpoint.folder(path)
     for old in [*folder.glob("ckpt-*.pt"), folder / "best.pt"] if folder.is_dir() else []:
         old.unlink(missing_ok=True)
     return None
@@ -109,7 +108,7 @@ def make_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
     return path
 
 
-def run_worker(cfg: Config, plan: DevicePlan, applied: AppliedEnv, command: str, job: Job) -> int:
+def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job) -> int:
     """Run ``job`` as this process's rank; returns the exit status."""
     ctx = build_context(cfg, plan)
     check_log_ranks(cfg.launch.log_ranks, ctx.world_size)
@@ -128,7 +127,7 @@ def run_worker(cfg: Config, plan: DevicePlan, applied: AppliedEnv, command: str,
     bind_device(ctx)
     with process_group(ctx, cfg.dist.timeout_s):
         run_dir = make_run_dir(ctx, cfg, command)
-        return job(ctx, cfg, run_dir, applied)
+        return job(ctx, cfg, run_dir)
 
 
 def run_recorded(fn: Callable[[], int]) -> int:

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from datasets.folder import Samples, scan_imagefolder, stratified_split
-from datasets.loader import build_loader
+from datasets.loader import LoaderSpec, build_loader
 from datasets.samplers import TrainSampler
 from datasets.stats import compute_stats
 from datasets.transforms import eval_transform
@@ -29,8 +29,9 @@ def predict(images: torch.Tensor) -> torch.Tensor:
 
 def evaluate(samples: Samples, ctx: DistContext) -> tuple[int, int]:
     cfg = load_config(None, ["data.resize=[16, 16]"])  # the images differ in size
-    loader = build_loader(samples, eval_transform(cfg.data), ctx, seed=0, batch_size=4, num_workers=2,
-                          train=False)
+    loader = build_loader(
+        samples, eval_transform(cfg.data), ctx, LoaderSpec(seed=0, batch_size=4, num_workers=2, train=False)
+    )
     counts = torch.zeros(2, dtype=torch.int64)
     seen = []
     for batch in loader.epoch(0):
@@ -65,10 +66,13 @@ def main() -> int:
             alone = evaluate(full, DistContext())
             one_rank = shard_steps(len(full), DistContext(), batch=6)
             result = {
-                "world": ctx.world_size, "split_hashes": hashes, "eval": [correct, total],
+                "world": ctx.world_size,
+                "split_hashes": hashes,
+                "eval": [correct, total],
                 "eval_alone": list(alone),
                 "stats": {w: [list(s.mean), list(s.std), s.images] for w, s in stats.items()},
-                "steps": steps, "one_rank_steps": one_rank,
+                "steps": steps,
+                "one_rank_steps": one_rank,
             }
             with open(result_path, "w") as fh:
                 json.dump(result, fh)

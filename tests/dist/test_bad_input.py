@@ -6,27 +6,13 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch
-from test_train import tiny, weights
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-from test_integrity import flip_inside_largest_tensor  # noqa: E402
+from conftest import flip_inside_largest_tensor, launch, tiny, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datasets.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("demo")
-    write_synthetic(root / "src", classes=4, per_class=30, size=32, seed=1)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +87,27 @@ def test_organize_cli_rerun_reconciles_and_its_table_is_the_disk(demo: Path, tmp
 def test_weights_of_another_width_are_refused_unless_asked(demo: Path, base: Path, tmp_path: Path) -> None:
     best = base / "checkpoints" / "best.pt"
     res = launch("train", *tiny(demo, tmp_path, "w", "model.width=16", f"model.weights={best}"))
-    refused(res, f"model.weights {best} does not fit", "features.0.weight [8, 3, 3, 3] in the file, [16, 3, 3, 3]",
-            "model.weights_strict = false")
-    res = launch("train", *tiny(demo, tmp_path, "w2", "model.width=16", f"model.weights={best}",
-                                "model.weights_strict=false", "train.max_steps=1"))
-    assert res.returncode == 0 and "weights: loaded 1 of 8 learned tensor(s)" in res.stderr, res.stderr[-2000:]
+    refused(
+        res,
+        f"model.weights {best} does not fit",
+        "features.0.weight [8, 3, 3, 3] in the file, [16, 3, 3, 3]",
+        "model.weights_strict = false",
+    )
+    res = launch(
+        "train",
+        *tiny(
+            demo,
+            tmp_path,
+            "w2",
+            "model.width=16",
+            f"model.weights={best}",
+            "model.weights_strict=false",
+            "train.max_steps=1",
+        ),
+    )
+    assert res.returncode == 0 and "weights: loaded 1 of 8 learned tensor(s)" in res.stderr, res.stderr[
+        -2000:
+    ]
 
 
 # ----------------------------------------------------------------------------- 3. corrupt checkpoints
@@ -120,8 +122,9 @@ def test_weights_of_another_width_are_refused_unless_asked(demo: Path, base: Pat
         ("code", "holds pickled Python objects (it refers to posix.system)"),
     ],
 )
-def test_damaged_checkpoints_are_one_clear_line(damage: str, needle: str, demo: Path, base: Path,
-                                                tmp_path: Path) -> None:
+def test_damaged_checkpoints_are_one_clear_line(
+    damage: str, needle: str, demo: Path, base: Path, tmp_path: Path
+) -> None:
     bad = tmp_path / f"{damage}.pt"
     shutil.copy(base / "checkpoints" / "best.pt", bad)
     if damage == "empty":
@@ -145,8 +148,9 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(demo: Path, base: Path, t
     shutil.copytree(base, tmp_path / "base")
     ckpts = sorted((tmp_path / "base" / "checkpoints").glob("ckpt-*.pt"))
     flip_inside_largest_tensor(ckpts[-1])
-    res = launch("train", *tiny(demo, tmp_path, "base", "train.epochs=2", "checkpoint.keep_last=5"),
-                 "--resume", "auto")
+    res = launch(
+        "train", *tiny(demo, tmp_path, "base", "train.epochs=2", "checkpoint.keep_last=5"), "--resume", "auto"
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"skipping {ckpts[-1].name}" in res.stderr and "fails its integrity check" in res.stderr
     assert f"resumed from {ckpts[0]} at epoch 1" in res.stderr
@@ -200,8 +204,12 @@ def test_log_ranks_beyond_the_world_is_refused(tmp_path: Path) -> None:
 
 
 def test_resuming_with_another_width_names_the_key(demo: Path, base: Path, tmp_path: Path) -> None:
-    res = launch("train", *tiny(demo, tmp_path, "x", "model.width=16"), "--resume",
-                 str(base / "checkpoints" / "best.pt"))
+    res = launch(
+        "train",
+        *tiny(demo, tmp_path, "x", "model.width=16"),
+        "--resume",
+        str(base / "checkpoints" / "best.pt"),
+    )
     refused(res, "model.width = 8 in the checkpoint, 16 now")
 
 
@@ -214,8 +222,16 @@ def test_preview_out_under_a_file(demo: Path, tmp_path: Path) -> None:
 
 def test_more_cpu_ranks_than_cores_is_a_warning_with_the_figure(tmp_path: Path) -> None:
     n = (os.cpu_count() or 1) + 1
-    res = launch("check", "--nproc-per-node", str(n), "--set", f"run.out_dir={tmp_path}",
-                 "--set", "data.num_workers=0", timeout=120)
+    res = launch(
+        "check",
+        "--nproc-per-node",
+        str(n),
+        "--set",
+        f"run.out_dir={tmp_path}",
+        "--set",
+        "data.num_workers=0",
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"--nproc-per-node {n} starts {n} CPU processes on {os.cpu_count()} CPU core(s)" in res.stderr
 

@@ -29,9 +29,21 @@ def odd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_rank_data_properties(odd_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    res = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "dist" / "data_worker.py"), str(odd_folder), str(out)],
-              env=clean_env(PYTHONPATH=str(REPO)), timeout=200)
+    res = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "dist" / "data_worker.py"),
+            str(odd_folder),
+            str(out),
+        ],
+        env=clean_env(PYTHONPATH=str(REPO)),
+        timeout=200,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["world"] == 2 and r["split_hashes"][0] == r["split_hashes"][1]
@@ -51,8 +63,16 @@ def test_two_rank_data_properties(odd_folder: Path, tmp_path: Path) -> None:
 
 def test_stats_command_one_and_two_ranks_agree(odd_folder: Path, tmp_path: Path) -> None:
     one = launch("stats", "--data", str(odd_folder), "--json", "--set", f"run.out_dir={tmp_path}")
-    two = launch("stats", "--data", str(odd_folder), "--json", "--nproc-per-node", "2",
-                 "--set", f"run.out_dir={tmp_path}")
+    two = launch(
+        "stats",
+        "--data",
+        str(odd_folder),
+        "--json",
+        "--nproc-per-node",
+        "2",
+        "--set",
+        f"run.out_dir={tmp_path}",
+    )
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert set(a) == {"mean", "std", "images", "pixels"} and a["images"] == 23
@@ -65,13 +85,30 @@ def test_preview_and_organize_commands(tmp_path: Path) -> None:
     from datasets.synthetic import write_synthetic
 
     csv_path = write_synthetic(tmp_path / "s", classes=4, per_class=6, size=32)
-    org = launch("organize", "--csv", str(csv_path), "--images", str(tmp_path / "s" / "images"),
-                 "--out", str(tmp_path / "tree"))
+    org = launch(
+        "organize",
+        "--csv",
+        str(csv_path),
+        "--images",
+        str(tmp_path / "s" / "images"),
+        "--out",
+        str(tmp_path / "tree"),
+    )
     assert org.returncode == 0, org.stderr
     assert "total" in org.stdout and "24" in org.stdout
-    res = launch("preview", "--set", f"data.root={tmp_path / 'tree'}", "--set", "data.val_fraction=0.25",
-                 "--set", f"data.stats_cache={tmp_path / 'stats'}", "--set", f"run.out_dir={tmp_path / 'r'}",
-                 "--set", "run.name=p")
+    res = launch(
+        "preview",
+        "--set",
+        f"data.root={tmp_path / 'tree'}",
+        "--set",
+        "data.val_fraction=0.25",
+        "--set",
+        f"data.stats_cache={tmp_path / 'stats'}",
+        "--set",
+        f"run.out_dir={tmp_path / 'r'}",
+        "--set",
+        "run.name=p",
+    )
     assert res.returncode == 0, res.stderr
     png = tmp_path / "r" / "p" / "preview.png"
     img = Image.open(png)
@@ -88,13 +125,37 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for i in range(8):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
-    res = launch("bench", "data", "--data", str(root), "--repeats", "1", "--size", "64", "--batch", "4",
-                 "--workers", "1", "--set", f"run.out_dir={tmp_path / 'r'}", "--set", "run.name=b", timeout=200)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            root / f"c{i % 2}" / f"{i}.png"
+        )
+    res = launch(
+        "bench",
+        "data",
+        "--data",
+        str(root),
+        "--repeats",
+        "1",
+        "--size",
+        "64",
+        "--batch",
+        "4",
+        "--workers",
+        "1",
+        "--set",
+        f"run.out_dir={tmp_path / 'r'}",
+        "--set",
+        "run.name=b",
+        timeout=200,
+    )
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "r" / "b" / "bench.json").read_text())
-    assert {r["variant"] for r in data["summary"]} == {"a_recipe", "b_ours", "c_floor", "naive_stats_s",
-                                                       "exact_stats_s"}
+    assert {r["variant"] for r in data["summary"]} == {
+        "a_recipe",
+        "b_ours",
+        "c_floor",
+        "naive_stats_s",
+        "exact_stats_s",
+    }
     assert set(data["meta"]["ratios"]) == {"ours_vs_recipe", "ours_vs_floor", "stats_speedup"}
     assert all(r["median"] > 0 for r in data["summary"])
 
@@ -104,8 +165,15 @@ def test_data_commands_bad_input(tmp_path: Path) -> None:
     assert res.returncode == 2 and "does not exist" in res.stderr
     (tmp_path / "l.csv").write_text("image,cls\na.png,x\n")
     (tmp_path / "imgs").mkdir()
-    res = launch("organize", "--csv", str(tmp_path / "l.csv"), "--images", str(tmp_path / "imgs"),
-                 "--out", str(tmp_path / "o"))
+    res = launch(
+        "organize",
+        "--csv",
+        str(tmp_path / "l.csv"),
+        "--images",
+        str(tmp_path / "imgs"),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert res.returncode == 2 and "columns found: 'image', 'cls'" in res.stderr
     assert "Traceback" not in res.stderr
     (tmp_path / "empty.toml").write_text("")

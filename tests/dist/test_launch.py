@@ -15,7 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_many, FAKE_NVML, LAUNCH, PROBE, REPO, clean_env, free_port, launch, pid_alive, rank_reports, run
+from conftest import (
+    FAKE_NVML,
+    LAUNCH,
+    PROBE,
+    REPO,
+    clean_env,
+    free_port,
+    launch,
+    pid_alive,
+    rank_reports,
+    run,
+    run_many,
+)
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -32,8 +44,18 @@ def assert_world(reports: list[dict], world: int) -> None:
 
 
 def test_torchrun_two_ranks(tmp_path: Path) -> None:
-    res = run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", LAUNCH, "check",
-               "--set", f"run.out_dir={tmp_path}"])
+    res = run(
+        [
+            *TORCHRUN,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            LAUNCH,
+            "check",
+            "--set",
+            f"run.out_dir={tmp_path}",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     reports = rank_reports(tmp_path)
     assert_world(reports, 2)
@@ -42,8 +64,7 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
 
 
 def test_self_launch_two_ranks_through_the_elastic_agent(tmp_path: Path) -> None:
-    res = launch("check", "--nproc-per-node", "2", "--set", f"run.out_dir={tmp_path}",
-                 "--log-ranks", "all")
+    res = launch("check", "--nproc-per-node", "2", "--set", f"run.out_dir={tmp_path}", "--log-ranks", "all")
     assert res.returncode == 0, res.stderr
     assert_world(rank_reports(tmp_path), 2)
     assert "[rank 1] torchrun: rank 1/2" in res.stderr  # --log-ranks all shows rank 1 too
@@ -67,11 +88,38 @@ def test_single_process_has_no_process_group(tmp_path: Path) -> None:
 
 def test_two_nodes_on_one_machine_form_one_world_of_four(tmp_path: Path) -> None:
     port = free_port()
-    common = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "twonodes",
-              "--local-addr", "127.0.0.1"]
-    jobs = [([*common, "--node-rank", str(node), LAUNCH, "check", "--set", f"run.out_dir={tmp_path}",
-              "--set", "run.name=two-nodes"], clean_env()) for node in (0, 1)]
+    common = [
+        *TORCHRUN,
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "twonodes",
+        "--local-addr",
+        "127.0.0.1",
+    ]
+    jobs = [
+        (
+            [
+                *common,
+                "--node-rank",
+                str(node),
+                LAUNCH,
+                "check",
+                "--set",
+                f"run.out_dir={tmp_path}",
+                "--set",
+                "run.name=two-nodes",
+            ],
+            clean_env(),
+        )
+        for node in (0, 1)
+    ]
     results = run_many(jobs)
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     reports = rank_reports(tmp_path)
@@ -82,11 +130,14 @@ def test_two_nodes_on_one_machine_form_one_world_of_four(tmp_path: Path) -> None
 
 def test_gpus_reach_every_worker_and_precede_the_torch_import(tmp_path: Path) -> None:
     probe = tmp_path / "probe.jsonl"
-    env = clean_env(PYTHONPATH=f"{FAKE_NVML}:{PROBE}", FAKE_NVML_GPUS="2",
-                    TORCH_IMPORT_PROBE=str(probe), CUDA_VISIBLE_DEVICES="0")
+    env = clean_env(
+        PYTHONPATH=f"{FAKE_NVML}:{PROBE}",
+        FAKE_NVML_GPUS="2",
+        TORCH_IMPORT_PROBE=str(probe),
+        CUDA_VISIBLE_DEVICES="0",
+    )
     out = tmp_path / "runs"
-    res = launch("check", "--nproc-per-node", "2", "--gpus", "1,0", "--set", f"run.out_dir={out}",
-                 env=env)
+    res = launch("check", "--nproc-per-node", "2", "--gpus", "1,0", "--set", f"run.out_dir={out}", env=env)
     assert res.returncode == 0, res.stderr
     assert "--gpus 1,0 overrides CUDA_VISIBLE_DEVICES=0" in res.stderr
     reports = rank_reports(out)
@@ -98,8 +149,7 @@ def test_gpus_reach_every_worker_and_precede_the_torch_import(tmp_path: Path) ->
     # with the variables already set
     seen = [json.loads(line) for line in probe.read_text().splitlines()]
     assert len(seen) == 3 and {r["pid"] for r in reports} < {s["pid"] for s in seen}
-    assert all(s["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and s["CUDA_VISIBLE_DEVICES"] == "1,0"
-               for s in seen)
+    assert all(s["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and s["CUDA_VISIBLE_DEVICES"] == "1,0" for s in seen)
 
 
 def test_the_import_probe_can_see_a_late_setting(tmp_path: Path) -> None:
@@ -116,8 +166,16 @@ def test_failed_worker_is_named_and_the_launcher_fails(tmp_path: Path) -> None:
     # the fake NVML makes the launcher believe in 2 GPUs; the workers' torch sees none,
     # so forcing nccl fails inside the workers, after spawning
     env = clean_env(PYTHONPATH=FAKE_NVML, FAKE_NVML_GPUS="2")
-    res = launch("check", "--nproc-per-node", "2", "--set", "dist.backend=nccl",
-                 "--set", f"run.out_dir={tmp_path}", env=env)
+    res = launch(
+        "check",
+        "--nproc-per-node",
+        "2",
+        "--set",
+        "dist.backend=nccl",
+        "--set",
+        f"run.out_dir={tmp_path}",
+        env=env,
+    )
     assert res.returncode != 0
     assert "worker rank" in res.stderr and "failed with exit code 2" in res.stderr
     assert "dist.backend = 'nccl' needs CUDA GPUs" in res.stderr
@@ -125,8 +183,14 @@ def test_failed_worker_is_named_and_the_launcher_fails(tmp_path: Path) -> None:
 
 def test_process_group_timeout_is_a_clear_error(tmp_path: Path) -> None:
     port = free_port()
-    env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = clean_env(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     start = time.monotonic()
     res = launch("check", "--set", "dist.timeout_s=3", "--set", f"run.out_dir={tmp_path}", env=env)
     assert res.returncode == 2
@@ -136,16 +200,25 @@ def test_process_group_timeout_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_collectives_on_a_real_gloo_group() -> None:
-    res = run([*TORCHRUN, "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "dist" / "collectives_worker.py")],
-              env=clean_env(PYTHONPATH=str(REPO)))
+    res = run(
+        [
+            *TORCHRUN,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "dist" / "collectives_worker.py"),
+        ],
+        env=clean_env(PYTHONPATH=str(REPO)),
+    )
     assert res.returncode == 0, res.stderr
     assert "collectives ok rank 0/2" in res.stdout and "collectives ok rank 1/2" in res.stdout
 
 
 def test_collectives_are_the_identity_alone() -> None:
-    res = run([sys.executable, str(REPO / "tests" / "dist" / "collectives_worker.py")],
-              env=clean_env(PYTHONPATH=str(REPO)))
+    res = run(
+        [sys.executable, str(REPO / "tests" / "dist" / "collectives_worker.py")],
+        env=clean_env(PYTHONPATH=str(REPO)),
+    )
     assert res.returncode == 0, res.stderr
     assert "collectives ok rank 0/1" in res.stdout
 
@@ -189,8 +262,7 @@ def test_bad_input_exits_2_before_any_worker(args: list[str], needle: str, tmp_p
 def test_bad_gpu_requests_with_fake_gpus(nproc: str, gpus: str, needle: str, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     env = clean_env(PYTHONPATH=FAKE_NVML, FAKE_NVML_GPUS="2")
-    res = launch("check", "--nproc-per-node", nproc, "--gpus", gpus, "--set", f"run.out_dir={out}",
-                 env=env)
+    res = launch("check", "--nproc-per-node", nproc, "--gpus", gpus, "--set", f"run.out_dir={out}", env=env)
     _no_workers(res, out)
     assert needle in res.stderr
 
@@ -201,8 +273,9 @@ def test_master_port_in_use(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        res = launch("check", "--nproc-per-node", "2", "--master-port", str(port),
-                     "--set", f"run.out_dir={out}")
+        res = launch(
+            "check", "--nproc-per-node", "2", "--master-port", str(port), "--set", f"run.out_dir={out}"
+        )
     _no_workers(res, out)
     assert f"--master-port {port} is already in use" in res.stderr
 
@@ -241,8 +314,17 @@ def test_env_command_with_fake_gpus_maps_indices() -> None:
 
 
 def test_bench_launch_writes_a_same_run_comparison(tmp_path: Path) -> None:
-    res = launch("bench", "launch", "--repeats", "1", "--set", f"run.out_dir={tmp_path}",
-                 "--set", "run.name=b", timeout=170)
+    res = launch(
+        "bench",
+        "launch",
+        "--repeats",
+        "1",
+        "--set",
+        f"run.out_dir={tmp_path}",
+        "--set",
+        "run.name=b",
+        timeout=170,
+    )
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "b" / "bench.json").read_text())
     names = [r["variant"] for r in data["summary"]]
@@ -256,11 +338,33 @@ def test_bench_launch_writes_a_same_run_comparison(tmp_path: Path) -> None:
 def test_slurm_tasks_form_one_world(tmp_path: Path) -> None:
     """Two processes started the way srun starts them: only SLURM_* variables."""
     port = free_port()
-    cmd = [sys.executable, LAUNCH, "check", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=slurm",
-           "--set", "dist.timeout_s=60"]
-    jobs = [(cmd, clean_env(SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NODEID="0",
-                            SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="2", SLURM_JOB_ID="42",
-                            SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port))) for task in (0, 1)]
+    cmd = [
+        sys.executable,
+        LAUNCH,
+        "check",
+        "--set",
+        f"run.out_dir={tmp_path}",
+        "--set",
+        "run.name=slurm",
+        "--set",
+        "dist.timeout_s=60",
+    ]
+    jobs = [
+        (
+            cmd,
+            clean_env(
+                SLURM_PROCID=str(task),
+                SLURM_LOCALID=str(task),
+                SLURM_NODEID="0",
+                SLURM_NTASKS="2",
+                SLURM_TASKS_PER_NODE="2",
+                SLURM_JOB_ID="42",
+                SLURM_JOB_NODELIST="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),
+        )
+        for task in (0, 1)
+    ]
     results = run_many(jobs, timeout=120)
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     reports = rank_reports(tmp_path)
@@ -270,17 +374,44 @@ def test_slurm_tasks_form_one_world(tmp_path: Path) -> None:
 
 def test_static_master_port_spawn(tmp_path: Path) -> None:
     port = free_port()
-    res = launch("check", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                 "--master-port", str(port), "--set", f"run.out_dir={tmp_path}")
+    res = launch(
+        "check",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "--set",
+        f"run.out_dir={tmp_path}",
+    )
     assert res.returncode == 0, res.stderr
     assert_world(rank_reports(tmp_path), 2)
     assert "--rdzv-backend static" in res.stderr
 
 
 def test_bench_overhead_smoke(tmp_path: Path) -> None:
-    res = launch("bench", "overhead", "--repeats", "1", "--steps", "3", "--batch", "4",
-                 "--set", f"run.out_dir={tmp_path}", "--set", "run.name=o", timeout=170)
+    res = launch(
+        "bench",
+        "overhead",
+        "--repeats",
+        "2",
+        "--steps",
+        "3",
+        "--batch",
+        "4",
+        "--size",
+        "16",
+        "--set",
+        f"run.out_dir={tmp_path}",
+        "--set",
+        "run.name=o",
+        timeout=170,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "o" / "bench.json").read_text())
     assert [r["variant"] for r in data["summary"]] == ["bare_ddp", "launch_py"]
-    assert all(r["median_s"] > 0 for r in data["summary"]) and "per-step overhead" in res.stdout
+    assert all(r["median_step_s"] > 0 and r["blocks"] == 2 for r in data["summary"])
+    low, high = data["meta"]["overhead_ci95"]
+    assert low <= data["meta"]["overhead"] <= high and data["meta"]["pairs"] == 2
+    assert "per-step overhead" in res.stdout and "95% CI" in res.stdout

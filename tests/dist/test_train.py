@@ -10,37 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAUNCH, launch, run
+from conftest import LAUNCH, launch, run, tiny, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small demo dataset (4 classes x 30 images of 32 px) shared by the module's runs."""
-    from datasets.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("demo")
-    write_synthetic(root / "src", classes=4, per_class=30, size=32, seed=1)
-    return root
-
-
-def tiny(demo: Path, out: Path, name: str, *extra: str) -> list[str]:
-    """--set arguments for a fast, BN-free, deterministic run on the demo data."""
-    sets = [
-        f"data.csv={demo / 'src' / 'labels.csv'}", f"data.images={demo / 'src' / 'images'}",
-        f"data.cache_dir={demo / 'cache'}", f"data.stats_cache={demo / 'stats'}",
-        "data.batch_size=8", "data.num_workers=0", "model.width=8", "model.batchnorm=false",
-        "optim.schedule=constant", "optim.lr=0.05", "optim.warmup_epochs=0", "train.epochs=3", "train.log_every=1",
-        f"run.out_dir={out}", f"run.name={name}", *extra,
-    ]
-    return [a for s in sets for a in ("--set", s)]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpts = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
-    return torch.load(ckpts[-1], weights_only=True)["model"]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -50,11 +23,17 @@ def losses(run_dir: Path) -> list[float]:
 
 def test_default_job_single_and_two_processes(tmp_path: Path) -> None:
     """`python launch.py` as shipped (its data written under tmp): <= 3 min, val_acc >= 0.95."""
-    data = [f"data.csv={tmp_path / 'demo' / 'labels.csv'}", f"data.images={tmp_path / 'demo' / 'images'}",
-            f"data.cache_dir={tmp_path / 'cache'}", f"data.stats_cache={tmp_path / 'stats'}"]
+    data = [
+        f"data.csv={tmp_path / 'demo' / 'labels.csv'}",
+        f"data.images={tmp_path / 'demo' / 'images'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.stats_cache={tmp_path / 'stats'}",
+    ]
     for extra, name in (([], "one"), (["--nproc-per-node", "2"], "two")):
         start = time.monotonic()
-        sets = [a for s in [*data, f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}"] for a in ("--set", s)]
+        sets = [
+            a for s in [*data, f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}"] for a in ("--set", s)
+        ]
         res = launch(*extra, *sets, timeout=200)
         assert res.returncode == 0, res.stderr[-3000:]
         assert time.monotonic() - start < 180
@@ -67,15 +46,25 @@ def test_default_job_single_and_two_processes(tmp_path: Path) -> None:
         assert (out / "checkpoints" / "best.pt").exists()
         assert len(list((out / "checkpoints").glob("ckpt-*.pt"))) == 2  # keep_last
         rows = list(csv.DictReader((out / "metrics.csv").open()))
-        assert [(r["epoch"], r["split"]) for r in rows[:2]] == [("0", "train"), ("0", "val")] and len(rows) == 16
+        assert [(r["epoch"], r["split"]) for r in rows[:2]] == [("0", "train"), ("0", "val")] and len(
+            rows
+        ) == 16
 
 
 def test_world_size_invariance(demo: Path, tmp_path: Path) -> None:
     """2 ranks x batch B (DDP) end with the weights of 1 rank x batch 2B after K steps."""
     one = launch("train", *tiny(demo, tmp_path, "one", "data.batch_size=16", "train.max_steps=5"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run([*TORCHRUN, "--nproc_per_node", "2", LAUNCH, "train",
-               *tiny(demo, tmp_path, "two", "data.batch_size=8", "train.max_steps=5")])
+    two = run(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            LAUNCH,
+            "train",
+            *tiny(demo, tmp_path, "two", "data.batch_size=8", "train.max_steps=5"),
+        ]
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
@@ -109,11 +98,21 @@ def test_same_seed_bit_identical_and_exact_resume(demo: Path, tmp_path: Path) ->
 
 
 def test_dp_and_ddp_give_the_same_losses(demo: Path, tmp_path: Path) -> None:
-    dp = launch("train", *tiny(demo, tmp_path, "dp", "parallel.mode=dp", "data.batch_size=16", "train.max_steps=5"))
+    dp = launch(
+        "train", *tiny(demo, tmp_path, "dp", "parallel.mode=dp", "data.batch_size=16", "train.max_steps=5")
+    )
     assert dp.returncode == 0, dp.stderr[-2000:]
     assert "DataParallel on the CPU: a plain module call" in dp.stderr
-    ddp = run([*TORCHRUN, "--nproc_per_node", "2", LAUNCH, "train",
-               *tiny(demo, tmp_path, "ddp", "parallel.mode=ddp", "data.batch_size=8", "train.max_steps=5")])
+    ddp = run(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            LAUNCH,
+            "train",
+            *tiny(demo, tmp_path, "ddp", "parallel.mode=ddp", "data.batch_size=8", "train.max_steps=5"),
+        ]
+    )
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     a, b = losses(tmp_path / "dp"), losses(tmp_path / "ddp")
     assert len(a) == len(b) == 5
@@ -130,8 +129,16 @@ def test_eval_one_and_two_ranks_agree(demo: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "t" / "checkpoints" / "best.pt"
     outs = []
     for extra, name in (([], "e1"), (["--nproc-per-node", "2"], "e2")):
-        res = launch("eval", "--checkpoint", str(ckpt), *extra, "--set", f"run.out_dir={tmp_path}",
-                     "--set", f"run.name={name}")
+        res = launch(
+            "eval",
+            "--checkpoint",
+            str(ckpt),
+            *extra,
+            "--set",
+            f"run.out_dir={tmp_path}",
+            "--set",
+            f"run.name={name}",
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         outs.append(tmp_path / name)
     e1, e2 = (json.loads((o / "eval.json").read_text()) for o in outs)
@@ -154,8 +161,16 @@ def test_resuming_another_model_or_class_count(demo: Path, tmp_path: Path) -> No
     from datasets.synthetic import write_synthetic
 
     write_synthetic(tmp_path / "three", classes=3, per_class=10, size=32)
-    res = launch("train", *tiny(demo, tmp_path, "r3"), "--set", f"data.csv={tmp_path / 'three' / 'labels.csv'}",
-                 "--set", f"data.images={tmp_path / 'three' / 'images'}", "--resume", ckpt)
+    res = launch(
+        "train",
+        *tiny(demo, tmp_path, "r3"),
+        "--set",
+        f"data.csv={tmp_path / 'three' / 'labels.csv'}",
+        "--set",
+        f"data.images={tmp_path / 'three' / 'images'}",
+        "--resume",
+        ckpt,
+    )
     assert res.returncode == 2 and "trained on 4 classes" in res.stderr and "has 3" in res.stderr
 
 
@@ -193,22 +208,44 @@ def test_one_class_is_refused(tmp_path: Path) -> None:
     from datasets.synthetic import write_synthetic
 
     write_synthetic(tmp_path / "one", classes=1, per_class=6, size=16)
-    res = launch("train", "--set", f"data.csv={tmp_path / 'one' / 'labels.csv'}", "--set",
-                 f"data.images={tmp_path / 'one' / 'images'}", "--set", f"data.cache_dir={tmp_path / 'c'}",
-                 "--set", f"run.out_dir={tmp_path}")
+    res = launch(
+        "train",
+        "--set",
+        f"data.csv={tmp_path / 'one' / 'labels.csv'}",
+        "--set",
+        f"data.images={tmp_path / 'one' / 'images'}",
+        "--set",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "--set",
+        f"run.out_dir={tmp_path}",
+    )
     assert res.returncode == 2 and "single class" in res.stderr
 
 
 def test_accumulation_matches_the_larger_batch_and_resume_auto(demo: Path, tmp_path: Path) -> None:
     """2 micro-batches of B with accumulation == one batch of 2B; resume auto picks the newest."""
     big = launch("train", *tiny(demo, tmp_path, "big", "data.batch_size=16", "train.max_steps=4"))
-    acc = launch("train", *tiny(demo, tmp_path, "acc", "data.batch_size=8", "train.accum_steps=2",
-                                "train.max_steps=4", "run.deterministic=true"))
+    acc = launch(
+        "train",
+        *tiny(
+            demo,
+            tmp_path,
+            "acc",
+            "data.batch_size=8",
+            "train.accum_steps=2",
+            "train.max_steps=4",
+            "run.deterministic=true",
+        ),
+    )
     assert big.returncode == 0 and acc.returncode == 0, acc.stderr[-2000:]
     a, b = weights(tmp_path / "big"), weights(tmp_path / "acc")
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
-    again = launch("train", *tiny(demo, tmp_path, "acc", "data.batch_size=8", "train.accum_steps=2",
-                                  "train.max_steps=6"), "--resume", "auto")
+    again = launch(
+        "train",
+        *tiny(demo, tmp_path, "acc", "data.batch_size=8", "train.accum_steps=2", "train.max_steps=6"),
+        "--resume",
+        "auto",
+    )
     assert again.returncode == 0 and "ckpt-00000004.pt at epoch 0, batch 8, step 4" in again.stderr
 
 

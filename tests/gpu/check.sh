@@ -24,12 +24,12 @@ if [ -n "${BENCH_DATA:-}" ]; then
 else
   echo "no make_imagefolder.py and no BENCH_DATA: data benchmark skipped" | tee "$OUT/bench_data.txt"
 fi
-$PY launch.py bench overhead --repeats 8 --batch 32 --steps 20 --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_overhead.txt"
+$PY launch.py bench overhead --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_overhead.txt"
 echo
 echo "== GPU check summary =="
 printf '%-28s %s\n' "card" "$($PY -c 'import pynvml as n; n.nvmlInit(); h=n.nvmlDeviceGetHandleByIndex(0); print(n.nvmlDeviceGetName(h), "x", n.nvmlDeviceGetCount(), "driver", n.nvmlSystemGetDriverVersion())' 2>&1)"
 printf '%-28s %s\n' "gpu tests" "$(tail -n 1 "$OUT/pytest.log")"
 printf '%-28s %s\n' "bench launch (gloo start-up)" "$(grep 'median ratio' "$OUT/bench_launch.txt" | cut -c1-80)"
-printf '%-28s %s\n' "bench overhead (gloo, CPU)" "$(grep 'per-step overhead' "$OUT/bench_overhead.txt" | cut -c1-60)"
+printf '%-28s %s\n' "bench overhead (gloo, CPU)" "$(grep 'per-step overhead' "$OUT/bench_overhead.txt" | cut -c1-100)"
 printf '%-28s %s\n' "bench data (ratios)" "$(grep -E 'ours_vs_recipe|skipped' "$OUT/bench_data.txt" | tail -n 1)"
 exit "$gpu_rc"

@@ -18,7 +18,7 @@ pytestmark = [
 
 def test_pinned_uint8_batches_normalised_on_the_gpu(tmp_path: Path) -> None:
     from datasets.folder import scan_imagefolder
-    from datasets.loader import build_loader
+    from datasets.loader import LoaderSpec, build_loader
     from datasets.transforms import Normalizer, eval_transform
     from distrib.config import load_config
     from distrib.context import DistContext
@@ -34,10 +34,7 @@ def test_pinned_uint8_batches_normalised_on_the_gpu(tmp_path: Path) -> None:
         scan_imagefolder(tmp_path),
         eval_transform(cfg.data),
         ctx,
-        seed=0,
-        batch_size=4,
-        num_workers=2,
-        train=False,
+        LoaderSpec(seed=0, batch_size=4, num_workers=2, train=False),
     )
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)
     gpu, cpu = Normalizer(mean, std, "cuda:0"), Normalizer(mean, std, "cpu")

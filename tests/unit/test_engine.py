@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from distrib import checkpoint as ck
 from distrib.config import ModelSection, load_config
 from distrib.context import DistContext
+from distrib.engine import checkpoint as ck
+from distrib.engine.models import SmallCNN, build_model
+from distrib.engine.parallel import resolve_mode, unwrap, wrap
+from distrib.engine.step import check_batch_fits, lr_factor, oom_message
 from distrib.errors import LaunchError
-from distrib.models import SmallCNN, build_model
-from distrib.parallel import resolve_mode, unwrap, wrap
-from distrib.train import check_batch_fits, lr_factor, oom_message
 
 
 def test_lr_schedules() -> None:
@@ -137,14 +137,14 @@ def test_grad_clip_bounds_the_update() -> None:
     from types import SimpleNamespace
     from unittest.mock import Mock
 
-    from distrib.train import Progress, make_optimizer, optimizer_step
+    from distrib.engine.step import make_optimizer, optimizer_step
 
     model = torch.nn.Linear(4, 1, bias=False)
     model.weight.grad = torch.full((1, 4), 100.0)
     cfg = load_config(None, ["optim.momentum=0", "optim.weight_decay=0", "optim.lr=1", "train.grad_clip=1"])
     eng = SimpleNamespace(model=model, scaler=None, optimizer=make_optimizer(cfg, model), scheduler=Mock())
     before = model.weight.detach().clone()
-    optimizer_step(DistContext(), cfg, eng, Progress(), torch.zeros((), dtype=torch.float64))
+    optimizer_step(DistContext(), cfg, eng, (0, 0), torch.zeros((), dtype=torch.float64))
     assert torch.linalg.norm(model.weight - before).item() == pytest.approx(1.0, rel=1e-5)
 
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import flip_inside_largest_tensor
 
-from distrib import checkpoint as ck
 from distrib.config import ModelSection, load_config
+from distrib.engine import checkpoint as ck
+from distrib.engine.models import SmallCNN, head_keys, load_weights
 from distrib.errors import LaunchError
 from distrib.logs import check_log_ranks
-from distrib.models import SmallCNN, head_keys, load_weights
 from distrib.worker import claim_run_dir
 
 
@@ -38,18 +37,6 @@ def _state(step: int = 1, width: int = 8) -> dict:
 def _saved(folder: Path, step: int = 1) -> Path:
     ck.CheckpointManager(folder, keep_last=10).save(_state(step), step, best=False)
     return folder / f"ckpt-{step:08d}.pt"
-
-
-def flip_inside_largest_tensor(path: Path, n: int = 64) -> None:
-    """Flip bytes in the middle of the biggest tensor record: torch's zip reader does not notice."""
-    with zipfile.ZipFile(path) as z:
-        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    raw = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
-    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
-    for i in range(start, start + n):
-        raw[i] ^= 0xFF
-    path.write_bytes(bytes(raw))
 
 
 def test_digest_catches_bytes_flipped_inside_a_tensor(tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ def test_missing_columns_list_the_columns_found(tmp_path: Path) -> None:
     with pytest.raises(LaunchError) as e:
         organize(csv_path, images, tmp_path / "out")
     assert "no column 'file_name', 'label'" in str(e.value) and "'image', 'class'" in str(e.value)
-    organize(csv_path, images, tmp_path / "out", file_col="image", label_col="class")
+    organize(org.LabelCsv(csv_path, "image", "class"), images, tmp_path / "out")
     assert (tmp_path / "out" / "x" / "a.png").exists()
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from datasets.folder import Samples
-from datasets.loader import build_loader
+from datasets.loader import LoaderSpec, build_loader
 from datasets.samplers import BalancedSampler, ExactEvalSampler, TrainSampler
 from datasets.transforms import train_transform
 from distrib.config import load_config
@@ -135,10 +135,7 @@ def _augmented(images: Samples, world: int, workers: int, epoch: int) -> dict[in
             images,
             train_transform(cfg.data),
             ctx(r, world),
-            seed=9,
-            batch_size=4,
-            num_workers=workers,
-            train=True,
+            LoaderSpec(seed=9, batch_size=4, num_workers=workers, train=True),
         )
         for batch in loader.epoch(epoch):
             out.update(zip(batch.indices.tolist(), batch.images, strict=True))
@@ -168,7 +165,10 @@ def test_augmentation_does_not_touch_the_callers_rng(images: Samples) -> None:
 def test_loader_has_no_plain_iteration(images: Samples) -> None:
     cfg = load_config(None)
     loader = build_loader(
-        images, train_transform(cfg.data), ctx(0, 1), seed=0, batch_size=4, num_workers=0, train=True
+        images,
+        train_transform(cfg.data),
+        ctx(0, 1),
+        LoaderSpec(seed=0, batch_size=4, num_workers=0, train=True),
     )
     assert not hasattr(loader, "__iter__")
     assert len(list(loader.epoch(0))) == 3
@@ -186,11 +186,7 @@ def test_bad_image_error_names_the_file_or_is_skipped(images: Samples, tmp_path:
             samples,
             train_transform(cfg.data),
             ctx(0, 1),
-            seed=0,
-            batch_size=2,
-            num_workers=workers,
-            train=True,
-            on_bad_image=on_bad_image,
+            LoaderSpec(seed=0, batch_size=2, num_workers=workers, train=True, on_bad_image=on_bad_image),
         )
 
     for workers in (0, 2):
@@ -239,12 +235,12 @@ def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def engine_loader(sets: list[str]):
     """The training loader exactly as `launch.py train` builds it from the config."""
     from datasets.build import build_split
-    from distrib.train import build_engine
+    from distrib.engine.train import build_feed
 
     cfg = load_config(None, sets)
     context = DistContext()
     split = build_split(context, cfg)
-    return build_engine(context, cfg, split, cfg.data.mean, cfg.data.std).train, split
+    return build_feed(context, cfg, split).train, split
 
 
 def test_balanced_sampler_set_in_the_config_balances_the_batches(imbalanced: list[str]) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from distrib.config import ModelSection
+from distrib.engine import checkpoint as ck
 from distrib.errors import LaunchError
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ def _is_counter(key: str) -> bool:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A plain state dict, or the model of one of our checkpoints (its digest verified)."""
-    from distrib import checkpoint as ck
-
     state = ck.read_torch_file(path, "model.weights")
     if isinstance(state, dict) and "model" in state and "format" in state:
         ck.verify(state, path)

@@ -9,6 +9,7 @@ change a number.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import sys
@@ -20,14 +21,13 @@ import torch
 
 from datasets.build import build_split
 from datasets.folder import Samples, scan_imagefolder
-from datasets.loader import build_loader
+from datasets.loader import LoaderSpec, build_loader
 from datasets.transforms import Normalizer, eval_transform
-from distrib.checkpoint import load_checkpoint, load_model_state
 from distrib.config import Config, config_from_dict
 from distrib.context import DistContext
-from distrib.devices import AppliedEnv
+from distrib.engine.checkpoint import load_checkpoint, load_model_state
+from distrib.engine.models import build_model
 from distrib.errors import LaunchError
-from distrib.models import build_model
 from distrib.process_group import gather_objects
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,10 @@ def predict(
     load_model_state(model, state["model"], path)
     model.to(ctx.device).eval()
     norm = Normalizer(state["mean"], state["std"], ctx.device)
-    loader = build_loader(
-        samples,
-        eval_transform(cfg.data),
-        ctx,
-        seed=cfg.run.seed,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        train=False,
-        pad_variable=cfg.data.pad_variable,
-    )
+    spec = dataclasses.replace(
+        LoaderSpec.from_config(cfg, train=False), on_bad_image="error"
+    )  # count every image
+    loader = build_loader(samples, eval_transform(cfg.data), ctx, spec)
     out: list[tuple] = []
     for batch in loader.epoch(0):
         if len(batch) == 0:
@@ -120,7 +114,6 @@ def eval_job(
     ctx: DistContext,
     cfg: Config,
     run_dir: Path,
-    applied: AppliedEnv,
     *,
     checkpoint: str,
     data_dir: str | None,

@@ -260,11 +260,6 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path) 
     model.load_state_dict(state)
 
 
-def checkpoint_folder(setting: str, run_dir: Path) -> Path:
-    """``checkpoint.dir``, or ``<run dir>/checkpoints`` when it is empty."""
-    return Path(setting) if setting else run_dir / "checkpoints"
-
-
 def numbered(folder: Path) -> list[Path]:
     """``ckpt-<step>.pt`` files in ``folder``, oldest step first."""
     if not folder.is_dir():

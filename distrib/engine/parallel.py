@@ -46,14 +46,14 @@ def wrap(model: nn.Module, ctx: DistContext, mode: str, sync_bn: bool = False) -
             )
         return nn.DataParallel(model)
     if mode == "ddp":
-        if sync_bn and not ctx.device.startswith("cuda"):
+        if sync_bn and not ctx.is_cuda:
             raise LaunchError(
                 "parallel.sync_bn needs CUDA: torch's SyncBatchNorm runs on GPU modules only. "
                 "On the CPU set parallel.sync_bn = false."
             )
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
+        device_ids = [torch.device(ctx.device).index] if ctx.is_cuda else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return model
 

@@ -10,7 +10,6 @@ and for statistics: exact histograms (ours) against the mean-of-per-image-std lo
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.folder import scan_imagefolder
-from datasets.loader import build_loader
+from datasets.loader import LoaderSpec, build_loader
 from datasets.stats import compute_stats
 from datasets.transforms import Normalizer, decode_uint8, train_transform
-from distrib.bench import markdown_table, run_rounds, write_results
+from distrib.bench.toolkit import markdown_table, run_rounds, write_results
 from distrib.config import load_config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
@@ -71,10 +70,7 @@ def ours_batches(root: str, size: int, batch: int, workers: int, device: torch.d
         scan_imagefolder(root),
         train_transform(cfg.data),
         ctx,
-        seed=0,
-        batch_size=batch,
-        num_workers=workers,
-        train=True,
+        LoaderSpec(seed=0, batch_size=batch, num_workers=workers, train=True),
     )
     norm = Normalizer(MEAN, STD, device, reuse=True)  # as the training loop uses it
     for b in loader.epoch(0):
@@ -135,32 +131,34 @@ def exact_stats_seconds(root: str, workers: int) -> float:
     return time.perf_counter() - start
 
 
-def main_bench_data(args: argparse.Namespace, out: Path) -> int:
-    if not args.data:
+def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, size: int) -> int:
+    """``launch.py bench data``: throughput of the three loaders, and both stats routines."""
+    if not data:
         raise LaunchError(
             "bench data needs --data IMAGEFOLDER_ROOT, e.g. from ../shared/bench/"
             "make_imagefolder.py OUT --imagefolder (then --data OUT/imagefolder)"
         )
-    root, dev = args.data, _device()
-    n = len(scan_imagefolder(root))
-    cfg = (args.size, args.batch, args.workers, dev)
+    dev = _device()
+    n = len(scan_imagefolder(data))
+    shape = (size, batch, workers, dev)
     loaders = {
-        "a_recipe": lambda: images_per_s(lambda: recipe_batches(root, *cfg), dev),
-        "b_ours": lambda: images_per_s(lambda: ours_batches(root, *cfg), dev),
-        "c_floor": lambda: images_per_s(lambda: floor_batches(root, *cfg), dev),
+        "a_recipe": lambda: images_per_s(lambda: recipe_batches(data, *shape), dev),
+        "b_ours": lambda: images_per_s(lambda: ours_batches(data, *shape), dev),
+        "c_floor": lambda: images_per_s(lambda: floor_batches(data, *shape), dev),
     }
-    tput = run_rounds(loaders, args.repeats)
+    tput = run_rounds(loaders, repeats)
     stats = run_rounds(
         {
-            "naive_stats_s": lambda: naive_stats_seconds(root, args.workers),
-            "exact_stats_s": lambda: exact_stats_seconds(root, args.workers),
+            "naive_stats_s": lambda: naive_stats_seconds(data, workers),
+            "exact_stats_s": lambda: exact_stats_seconds(data, workers),
         },
-        args.repeats,
+        repeats,
     )
-    med = {k: statistics.median(v) for k, v in {**tput, **stats}.items()}
+    every = {**tput, **stats}
+    med = {k: statistics.median(v) for k, v in every.items()}
     rows = [
         {"variant": k, "runs": len(v), "median": med[k], "min": min(v), "max": max(v)}
-        for k, v in {**tput, **stats}.items()
+        for k, v in every.items()
     ]
     ratios = {
         "ours_vs_recipe": med["b_ours"] / med["a_recipe"],
@@ -168,17 +166,10 @@ def main_bench_data(args: argparse.Namespace, out: Path) -> int:
         "stats_speedup": med["naive_stats_s"] / med["exact_stats_s"],
     }
     meta = {
-        "what": "data",
-        "images": n,
-        "device": str(dev),
-        "workers": args.workers,
-        "batch": args.batch,
-        "size": args.size,
-        "repeats": args.repeats,
-        "cpu_count": os.cpu_count(),
-        "ratios": ratios,
+        "what": "data", "images": n, "device": str(dev), "workers": workers, "batch": batch, "size": size,
+        "repeats": repeats, "cpu_count": os.cpu_count(), "ratios": ratios,
         "units": "loaders: images/s; stats: seconds",
-    }
-    write_results(out, rows, {**tput, **stats}, meta)
+    }  # fmt: skip
+    write_results(out, rows, every, meta)
     sys.stdout.write(markdown_table(rows) + "\n" + json.dumps(ratios) + f"\nresults in {out}\n")
     return 0

@@ -1,0 +1,142 @@
+"""The benchmark toolkit every benchmark uses, and that uses none of them.
+
+Why these pieces: the machines this runs on are shared and noisy (a block's median step
+time can drift 3x within one run), so a benchmark must (1) measure its baseline in the
+same run on the same data, (2) alternate the variants so drift hits both, (3) judge by
+medians, and, where a small difference matters, (4) pair adjacent measurements and give
+a confidence interval, so a reader can see what the figure can and cannot tell apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from distrib.errors import LaunchError
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def bench_dir(out_dir: str, name: str, what: str) -> Path:
+    """``<out_dir>/<name>``, or a timestamped ``<yyyymmdd-hhmmss>-bench-<what>``."""
+    return Path(out_dir) / (name or f"{time.strftime('%Y%m%d-%H%M%S')}-bench-{what}")
+
+
+def torchrun_cmd() -> list[str]:
+    """The ``torchrun`` console script beside this Python, else ``python -m torch.distributed.run``."""
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def run_checked(cmd: Sequence[str], env: Mapping[str, str], timeout: float = 600) -> float:
+    """Run ``cmd`` from the repository root; the seconds it took.
+
+    A failing command is an error: its time means nothing.
+    """
+    start = time.perf_counter()
+    res = subprocess.run(list(cmd), env=dict(env), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - start
+    if res.returncode != 0:
+        raise LaunchError(
+            f"benchmark command failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}"
+        )
+    return seconds
+
+
+def run_rounds(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """One untimed warm-up of each variant, then ``repeats`` rounds in A/B, B/A order."""
+    for fn in variants.values():  # page cache, worker start, lazy imports
+        fn()
+    results: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(repeats):
+        order = list(variants) if i % 2 == 0 else list(reversed(variants))
+        for name in order:
+            results[name].append(variants[name]())
+            log.info("round %d/%d %-16s %.3f", i + 1, repeats, name, results[name][-1])
+    return results
+
+
+def summarise(times: dict[str, list[float]], baseline: str) -> list[dict[str, object]]:
+    """Median/min/max per variant and the ratio of medians to the baseline."""
+    base = statistics.median(times[baseline])
+    return [
+        {
+            "variant": name,
+            "runs": len(ts),
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "ratio_vs_" + baseline: statistics.median(ts) / base,
+        }
+        for name, ts in times.items()
+    ]
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """The median of per-pair ratios (variant / baseline) and its bootstrap confidence interval."""
+
+    median: float
+    low: float
+    high: float
+    pairs: int
+    level: float = 0.95
+
+    def as_percent(self) -> str:
+        """'+1.2% (95% CI -0.3% .. +2.5%, 24 pairs)': the overhead of the variant."""
+        pct = [100 * (v - 1) for v in (self.median, self.low, self.high)]
+        ci = f"{100 * self.level:.0f}% CI {pct[1]:+.1f}% .. {pct[2]:+.1f}%"
+        return f"{pct[0]:+.1f}% ({ci}, {self.pairs} pairs)"
+
+
+def paired_ratio(variant: Sequence[float], baseline: Sequence[float], resamples: int = 4000) -> PairedRatio:
+    """Overhead of ``variant`` against ``baseline`` from pairs measured side by side.
+
+    ``variant[i]`` and ``baseline[i]`` must come from adjacent blocks of the same run, so
+    each ratio cancels the machine's load at that moment. The median of the ratios is
+    robust to a block that a neighbour disturbed; a seeded percentile bootstrap over the
+    pairs gives the interval.
+    """
+    if len(variant) != len(baseline) or not variant:
+        raise ValueError(
+            f"need as many variant as baseline blocks (> 0), got {len(variant)} and {len(baseline)}"
+        )
+    ratios = [v / b for v, b in zip(variant, baseline, strict=True)]
+    rng = random.Random(0)
+    boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    cut = int(0.025 * resamples)
+    return PairedRatio(statistics.median(ratios), boots[cut], boots[-cut - 1], len(ratios))
+
+
+def write_results(
+    out: Path, rows: list[dict[str, object]], times: dict[str, list[float]], meta: dict[str, object]
+) -> None:
+    """bench.csv (every run), bench.json (summary + meta), bench.md (the table)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "bench.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["variant", "run", "seconds"])
+        for name, ts in times.items():
+            w.writerows([name, i, f"{t:.6f}"] for i, t in enumerate(ts))
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": rows}, indent=2))
+    (out / "bench.md").write_text(markdown_table(rows) + "\n")
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append(
+            "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
+        )
+    return "\n".join(lines)

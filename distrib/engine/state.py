@@ -1,0 +1,183 @@
+"""A training run's state, the hooks that watch it, and how it is saved and resumed.
+
+``Run`` is the one object the loop passes around (instead of eight loose arguments);
+``Progress`` is the part of it a checkpoint holds, so a resumed run continues exactly
+where the saved one stopped. ``Hook`` is how step logging, benchmark timers and memory
+monitors follow the loop without the loop knowing about them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distrib.config import Config
+from distrib.context import DistContext
+from distrib.engine import checkpoint as ck
+from distrib.engine.step import Engine
+from distrib.errors import LaunchError
+from distrib.process_group import barrier, broadcast_object, gather_objects
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """The loop's position and history; saved in checkpoints, so resume is exact."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    global_step: int = 0  # optimizer steps
+    best_acc: float = -1.0
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
+    epoch_seconds: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_images: float = 0.0
+
+
+@dataclass
+class EpochSums:
+    """The running sums of the epoch in progress, on the device: no sync per step."""
+
+    loss: torch.Tensor  # sum of loss * batch size (a non-finite loss shows here)
+    hits: torch.Tensor  # correct predictions
+    count: int = 0  # images
+
+    @staticmethod
+    def start(prog: Progress, device: str) -> EpochSums:
+        loss, hits = (torch.tensor(v, dtype=torch.float64, device=device) for v in prog.epoch_sums[:2])
+        return EpochSums(loss, hits, int(prog.epoch_sums[2]))
+
+    def as_list(self) -> list[float]:
+        return [self.loss.item(), self.hits.item(), float(self.count)]
+
+
+class Hook:
+    """Follows the loop: called when an epoch (re)starts and after every optimizer step.
+
+    Hooks run on every rank (one may do a collective, as the step log does, when every
+    rank calls it at the same step); they must not change the run's results.
+    """
+
+    def start_epoch(self, run: Run) -> None:
+        """An epoch starts or resumes; ``run.sums`` holds its sums so far."""
+
+    def after_step(self, run: Run) -> None:
+        """An optimizer step finished: ``run.prog.global_step`` counts it already."""
+
+
+@dataclass
+class Run:
+    """Everything one training run carries from step to step."""
+
+    ctx: DistContext
+    cfg: Config
+    eng: Engine
+    prog: Progress = field(default_factory=Progress)
+    hooks: list[Hook] = field(default_factory=list)
+    ckpts: ck.CheckpointManager | None = None  # None: nothing is saved (benchmarks)
+    run_dir: Path | None = None
+    sums: EpochSums | None = None  # the epoch in progress
+    skipped: list[str] = field(default_factory=list)  # undecodable images (data.on_bad_image = skip)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.eng.feed.classes
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def checkpoint_state(run: Run) -> dict[str, Any] | None:
+    """Collect every rank's RNG state; returns the checkpoint dict on rank 0 (None elsewhere)."""
+    rngs = gather_objects(run.ctx, ck.rng_state())
+    if not run.ctx.is_main:
+        return None
+    eng = run.eng
+    return {
+        "model": eng.bare.state_dict(),
+        "model_name": run.cfg.model.name,
+        "classes": list(run.classes),
+        "optimizer": eng.optimizer.state_dict(),
+        "scheduler": eng.scheduler.state_dict(),
+        "scaler": eng.scaler.state_dict() if eng.scaler else None,
+        "progress": asdict(run.prog),
+        "rng": rngs,
+        "world_size": run.ctx.world_size,
+        "mean": list(eng.feed.mean),
+        "std": list(eng.feed.std),
+        "config": json.dumps(asdict(run.cfg)),
+    }
+
+
+def save(run: Run, best: bool) -> None:
+    """Rank 0 writes a checkpoint of the run as it is now; every rank waits for it."""
+    if run.ckpts is None:
+        return
+    state = checkpoint_state(run)
+    if state is not None:
+        path = run.ckpts.save(state, run.prog.global_step, best)
+        log.info("checkpoint %s%s", path, " (best)" if best else "")
+    barrier(run.ctx)
+
+
+def preflight(ctx: DistContext, mgr: ck.CheckpointManager) -> None:
+    """Rank 0 checks the checkpoint folder; every rank learns the verdict (no one hangs)."""
+    err = None
+    if ctx.is_main:
+        try:
+            mgr.check_writable()
+        except LaunchError as e:
+            err = str(e)
+    err = broadcast_object(ctx, err)
+    if err:
+        raise LaunchError(err)
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def resume_path(ctx: DistContext, cfg: Config, folder: Path) -> Path | None:
+    """The checkpoint to resume from; for 'auto', rank 0 picks the newest valid one for all."""
+    r = cfg.checkpoint.resume
+    if r != "auto":
+        return Path(r) if r else None
+    found = None
+    if ctx.is_main:
+        found = ck.newest_valid(folder)
+        if found is None:
+            log.info(
+                "checkpoint.resume = auto: no valid checkpoint in %s, starting fresh (resuming a run "
+                "needs the same run.name)",
+                folder,
+            )
+    found = broadcast_object(ctx, None if found is None else str(found))
+    return Path(found) if found else None
+
+
+def resume(run: Run, path: Path) -> None:
+    """Load a checkpoint into the run's engine and progress: it continues where that one stopped."""
+    ctx, eng = run.ctx, run.eng
+    state = ck.load_checkpoint(path)
+    ck.check_compatible(state, run.cfg.model, run.classes, path)
+    ck.load_model_state(eng.bare, state["model"], path)
+    eng.optimizer.load_state_dict(state["optimizer"])
+    eng.scheduler.load_state_dict(state["scheduler"])
+    if eng.scaler and state.get("scaler"):
+        eng.scaler.load_state_dict(state["scaler"])
+    run.prog = Progress(**state["progress"])
+    rngs = state["rng"]
+    if len(rngs) == ctx.world_size:
+        ck.set_rng_state(rngs[ctx.rank])
+    else:
+        log.warning(
+            "checkpoint from %d rank(s), resuming on %d: RNG streams restart", len(rngs), ctx.world_size
+        )
+    p = run.prog
+    log.info("resumed from %s at epoch %d, batch %d, step %d", path, p.epoch, p.batch_in_epoch, p.global_step)

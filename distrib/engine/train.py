@@ -1,0 +1,165 @@
+"""``launch.py train``: the epoch loop, checkpoints on schedule, exact resume.
+
+One loop serves one process, DataParallel and DDP. What makes runs trustworthy:
+  - data order and augmentation depend only on (seed, epoch, index) (datasets/), so a
+    resumed run, a rerun, and a run at another world size see the same samples;
+  - every metric is a sum of counts reduced across ranks (distrib/engine/metrics.py);
+  - non-finite losses or gradients stop every rank at the same step (engine/step.py);
+  - checkpoints hold everything a bit-identical continuation needs (engine/state.py).
+
+``train_epoch(run)`` is the loop itself; benchmarks and monitors call it with their own
+``Run`` (no checkpoints, their own hooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from datasets.build import DataSplit, build_split, normalization
+from datasets.folder import write_class_map
+from datasets.loader import LoaderSpec, build_loader
+from datasets.preview import write_preview
+from datasets.transforms import eval_transform, train_transform
+from distrib.config import Config
+from distrib.context import DistContext
+from distrib.engine import checkpoint as ck
+from distrib.engine.metrics import StepLog, end_of_epoch, finish, write_metrics
+from distrib.engine.state import EpochSums, Run, preflight, resume, resume_path, save
+from distrib.engine.step import (
+    Feed,
+    assemble,
+    check_batch_fits,
+    forward_backward,
+    optimizer_step,
+    set_determinism,
+)
+from distrib.seeding import STEPS, derive_seed, seed_process
+
+log = logging.getLogger(__name__)
+
+
+def build_feed(ctx: DistContext, cfg: Config, split: DataSplit) -> Feed:
+    """This rank's training and validation loaders, the normalisation and the classes."""
+    mean, std = normalization(ctx, cfg, split)
+    train_spec, val_spec = LoaderSpec.from_config(cfg, train=True), LoaderSpec.from_config(cfg, train=False)
+    train = build_loader(split.train, train_transform(cfg.data), ctx, train_spec)
+    val = build_loader(split.val, eval_transform(cfg.data), ctx, val_spec)
+    check_batch_fits(ctx, cfg, len(train.sampler), len(split.train))
+    return Feed(train, val, tuple(mean), tuple(std), split.classes)
+
+
+def micro_batches(run: Run) -> Iterator[tuple[bool, Any]]:
+    """(is this the last micro-batch of an optimizer step, batch), resuming mid-epoch exactly."""
+    prog, train, accum = run.prog, run.eng.feed.train, run.cfg.train.accum_steps
+    if prog.batch_in_epoch:
+        train.sampler.skip_once(prog.batch_in_epoch * train.loader.batch_size)
+    for batch in train.epoch(prog.epoch):
+        run.skipped.extend(s.path for s in batch.skipped)
+        i = prog.batch_in_epoch
+        yield (i + 1) % accum == 0 or i + 1 == run.eng.batches_per_epoch, batch
+
+
+def train_epoch(run: Run) -> bool:
+    """One (possibly resumed) epoch; False when train.max_steps stopped it midway."""
+    ctx, cfg, eng, prog = run.ctx, run.cfg, run.eng, run.prog
+    eng.model.train()
+    sums = run.sums = EpochSums.start(prog, ctx.device)
+    for hook in run.hooks:
+        hook.start_epoch(run)
+    start = time.perf_counter()
+    for sync, batch in micro_batches(run):
+        if len(batch) == 0:
+            continue
+        loss, hits, n = forward_backward(ctx, cfg, eng, batch, sync)
+        sums.loss.add_(loss, alpha=n)
+        sums.hits.add_(hits)
+        sums.count += n
+        prog.batch_in_epoch += 1
+        if not sync:
+            continue
+        optimizer_step(ctx, cfg, eng, (prog.epoch, prog.global_step), sums.loss)
+        prog.global_step += 1
+        for hook in run.hooks:
+            hook.after_step(run)
+        if _save_due(run):
+            prog.epoch_sums = sums.as_list()
+            prog.epoch_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            save(run, best=False)
+        if cfg.train.max_steps and prog.global_step >= cfg.train.max_steps:
+            break
+    prog.epoch_seconds += time.perf_counter() - start
+    prog.epoch_sums = sums.as_list()
+    return prog.batch_in_epoch >= eng.batches_per_epoch
+
+
+def _save_due(run: Run) -> bool:
+    """checkpoint.every_steps fell on this step (and it is not the epoch's last: that one saves anyway)."""
+    every = run.cfg.checkpoint.every_steps
+    return (
+        bool(every)
+        and run.prog.global_step % every == 0
+        and run.prog.batch_in_epoch < run.eng.batches_per_epoch
+    )
+
+
+def run_epochs(run: Run) -> None:
+    """Epochs until train.epochs or train.max_steps; validation, metrics and checkpoints after each."""
+    cfg, prog = run.cfg, run.prog
+    while prog.epoch < cfg.train.epochs:
+        if not train_epoch(run):
+            save(run, best=False)  # stopped by max_steps mid-epoch
+            break
+        val = end_of_epoch(run)
+        acc = val["acc"] if val["acc"] is not None else -1.0
+        best = acc > prog.best_acc
+        prog.best_acc = max(prog.best_acc, acc)
+        prog.epoch += 1
+        prog.batch_in_epoch, prog.epoch_sums, prog.epoch_seconds = 0, [0.0, 0.0, 0.0], 0.0
+        if run.ctx.is_main and run.run_dir is not None:
+            write_metrics(run.run_dir, prog.rows)
+        if cfg.checkpoint.every_epoch or prog.epoch == cfg.train.epochs:
+            save(run, best)
+        if cfg.train.max_steps and prog.global_step >= cfg.train.max_steps:
+            break
+
+
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    steps = math.ceil(batches_per_epoch / cfg.train.accum_steps) * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
+    """``launch.py train``: the whole run, rank 0 writing the run directory."""
+    set_determinism(cfg)
+    split = build_split(ctx, cfg)
+    feed = build_feed(ctx, cfg, split)
+    mgr = ck.CheckpointManager(cfg.checkpoint.folder(run_dir), cfg.checkpoint.keep_last)
+    run = Run(ctx, cfg, assemble(ctx, cfg, feed), ckpts=mgr, run_dir=run_dir)
+    preflight(ctx, mgr)
+    path = resume_path(ctx, cfg, mgr.folder)
+    seed_process(derive_seed(cfg.run.seed, STEPS, ctx.rank))  # dropout etc.; a resume restores it
+    if path:
+        resume(run, path)
+    if ctx.is_main:
+        write_class_map(feed.classes, run_dir / "classes.json")
+        if not path:
+            write_preview(ctx, cfg, split, feed.mean, feed.std, run_dir / "preview.png")
+    log.info(
+        "training %s (%s) on %d image(s), validating on %d; %d class(es); %d batch(es)/epoch",
+        cfg.model.name,
+        run.eng.mode,
+        len(split.train),
+        len(split.val),
+        len(feed.classes),
+        run.eng.batches_per_epoch,
+    )
+    run.hooks.append(StepLog(run_dir, cfg.train.log_every, total_steps(cfg, run.eng.batches_per_epoch)))
+    run_epochs(run)
+    finish(run)
+    return 0
