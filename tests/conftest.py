@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCH = str(REPO / "launch.py")
 FAKE_NVML = str(REPO / "tests" / "fakes" / "nvml")
 PROBE = str(REPO / "tests" / "fakes" / "probe")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, from this interpreter
 # variables a developer's shell (or CI) might carry that would change what a test means
 _STRIP_PREFIXES = ("CUDA_", "SLURM_", "TORCHELASTIC_", "NCCL_", "FAKE_NVML", "TORCH_IMPORT_PROBE")
 _STRIP = (*LAUNCHER_VARS, "PYTHONPATH")

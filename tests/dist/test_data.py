@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, clean_env, launch, reference_stats, run
+from conftest import REPO, TORCHRUN, clean_env, launch, reference_stats, run
 from PIL import Image
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
@@ -31,9 +30,7 @@ def test_two_rank_data_properties(odd_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     res = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
+            *TORCHRUN,
             "--standalone",
             "--nproc_per_node",
             "2",

@@ -20,6 +20,7 @@ from conftest import (
     LAUNCH,
     PROBE,
     REPO,
+    TORCHRUN,
     clean_env,
     free_port,
     launch,
@@ -30,7 +31,6 @@ from conftest import (
 )
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def assert_world(reports: list[dict], world: int) -> None:

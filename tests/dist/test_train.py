@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAUNCH, launch, run, tiny, weights
+from conftest import LAUNCH, TORCHRUN, launch, run, tiny, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -58,6 +56,7 @@ def test_world_size_invariance(demo: Path, tmp_path: Path) -> None:
     two = run(
         [
             *TORCHRUN,
+            "--standalone",
             "--nproc_per_node",
             "2",
             LAUNCH,
@@ -106,6 +105,7 @@ def test_dp_and_ddp_give_the_same_losses(demo: Path, tmp_path: Path) -> None:
     ddp = run(
         [
             *TORCHRUN,
+            "--standalone",
             "--nproc_per_node",
             "2",
             LAUNCH,

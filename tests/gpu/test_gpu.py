@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LAUNCH, PROBE, REPO, clean_env, launch, rank_reports, run
+from conftest import LAUNCH, PROBE, REPO, TORCHRUN, clean_env, launch, rank_reports, run
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -47,9 +47,7 @@ def test_torchrun_one_rank_per_gpu_on_nccl(tmp_path: Path) -> None:
     n = torch.cuda.device_count()
     res = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
+            *TORCHRUN,
             "--standalone",
             "--nproc_per_node",
             str(n),
