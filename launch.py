@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch: start-up vs torchrun; data: loader and stats throughput; "
         "overhead: train step time vs a bare DDP loop",
     )
-    bench.add_argument("--repeats", type=int, help="rounds (launch, data: 5; overhead: 24 block pairs)")
+    bench.add_argument("--repeats", type=int, help="rounds (launch, data: 5; overhead: 4 epochs)")
     bench.add_argument("--nproc", type=int, default=2, help="launch: processes")
     bench.add_argument("--data", help="data: an ImageFolder root (e.g. from make_imagefolder.py)")
     bench.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--size", type=int, help="data: the recipe's Resize((S, S)), 1024; overhead: image px, 64"
     )
-    bench.add_argument("--steps", type=int, help="overhead: optimizer steps per block (6)")
+    bench.add_argument("--steps", type=int, help="overhead: step pairs per epoch (60)")
     return parser
 
 
@@ -325,7 +325,7 @@ def run_organize(args: argparse.Namespace) -> int:
 BENCH_DEFAULTS = {
     "launch": {"repeats": 5},
     "data": {"repeats": 5, "batch": 8, "size": 1024},
-    "overhead": {"repeats": 24, "steps": 6, "batch": 32, "size": 64},
+    "overhead": {"repeats": 4, "steps": 60, "batch": 32, "size": 64},
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import random
 import statistics
 import subprocess
@@ -84,38 +85,49 @@ def summarise(times: dict[str, list[float]], baseline: str) -> list[dict[str, ob
 
 @dataclass(frozen=True)
 class PairedRatio:
-    """The median of per-pair ratios (variant / baseline) and its bootstrap confidence interval."""
+    """The typical ratio of paired measurements (variant / baseline) and its bootstrap interval."""
 
-    median: float
+    ratio: float
     low: float
     high: float
     pairs: int
     level: float = 0.95
 
     def as_percent(self) -> str:
-        """'+1.2% (95% CI -0.3% .. +2.5%, 24 pairs)': the overhead of the variant."""
-        pct = [100 * (v - 1) for v in (self.median, self.low, self.high)]
+        """'+1.2% (95% CI -0.3% .. +2.5%, 240 pairs)': the overhead of the variant."""
+        pct = [100 * (v - 1) for v in (self.ratio, self.low, self.high)]
         ci = f"{100 * self.level:.0f}% CI {pct[1]:+.1f}% .. {pct[2]:+.1f}%"
         return f"{pct[0]:+.1f}% ({ci}, {self.pairs} pairs)"
 
 
-def paired_ratio(variant: Sequence[float], baseline: Sequence[float], resamples: int = 4000) -> PairedRatio:
+def trimmed_mean(values: Sequence[float], trim: float = 0.2) -> float:
+    """Mean of the middle ``1 - 2 * trim`` of the values: robust to a disturbed pair, yet
+    nearly as precise as the mean when nothing disturbed them (the median wastes a third)."""
+    ordered = sorted(values)
+    cut = int(trim * len(ordered))
+    middle = ordered[cut : len(ordered) - cut] or ordered
+    return sum(middle) / len(middle)
+
+
+def paired_ratio(variant: Sequence[float], baseline: Sequence[float], resamples: int = 2000) -> PairedRatio:
     """Overhead of ``variant`` against ``baseline`` from pairs measured side by side.
 
-    ``variant[i]`` and ``baseline[i]`` must come from adjacent blocks of the same run, so
-    each ratio cancels the machine's load at that moment. The median of the ratios is
-    robust to a block that a neighbour disturbed; a seeded percentile bootstrap over the
-    pairs gives the interval.
+    ``variant[i]`` and ``baseline[i]`` must be measured next to each other, so that each
+    ratio cancels the machine's load at that moment. The estimate is the trimmed mean of
+    the log ratios (exponentiated); a seeded percentile bootstrap over the pairs gives
+    the interval.
     """
     if len(variant) != len(baseline) or not variant:
         raise ValueError(
-            f"need as many variant as baseline blocks (> 0), got {len(variant)} and {len(baseline)}"
+            f"need as many variant as baseline measurements (> 0), got {len(variant)} and {len(baseline)}"
         )
-    ratios = [v / b for v, b in zip(variant, baseline, strict=True)]
+    logs = [math.log(v / b) for v, b in zip(variant, baseline, strict=True)]
     rng = random.Random(0)
-    boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    boots = sorted(trimmed_mean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
     cut = int(0.025 * resamples)
-    return PairedRatio(statistics.median(ratios), boots[cut], boots[-cut - 1], len(ratios))
+    return PairedRatio(
+        math.exp(trimmed_mean(logs)), math.exp(boots[cut]), math.exp(boots[-cut - 1]), len(logs)
+    )
 
 
 def write_results(

@@ -154,3 +154,21 @@ def test_messages_for_oom_and_batch_size() -> None:
     assert "data.batch_size 64" in msg and "bf16" in msg and "[64, 3, 1024, 1024]" in msg
     with pytest.raises(LaunchError, match="larger than this rank's shard of 40"):
         check_batch_fits(DistContext(rank=0, world_size=2, local_world_size=2), cfg, 40, 80)
+
+
+def test_paired_ratio_recovers_a_known_overhead_through_noise() -> None:
+    """3% slower in every pair, both sides multiplied by the same drifting load, plus a few outliers."""
+    import random
+
+    from distrib.bench.toolkit import paired_ratio
+
+    rng = random.Random(1)
+    load = [1 + 0.5 * rng.random() for _ in range(300)]  # the machine's load drifts +-50%
+    base = [0.07 * x * (1 + rng.gauss(0, 0.01)) for x in load]
+    ours = [0.07 * 1.03 * x * (1 + rng.gauss(0, 0.01)) for x in load]
+    ours[::50] = [10 * v for v in ours[::50]]  # a neighbour disturbed a few steps
+    r = paired_ratio(ours, base)
+    assert r.low < 1.03 < r.high and abs(r.ratio - 1.03) < 0.005 and r.high - r.low < 0.01
+    assert r.as_percent().startswith("+3.") and "95% CI" in r.as_percent() and "300 pairs" in r.as_percent()
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [])
