@@ -492,6 +492,11 @@ def organize(
             len(plan.missing),
         )
         return plan
+    return _carry_out(plan, out, mode)
+
+
+def _carry_out(plan: OrganizePlan, out: Path, mode: str) -> OrganizePlan:
+    """Execute the plan, write the manifest, count what is on disk and say what happened."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         counts = execute(plan, mode)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,6 +91,37 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class WeightsFit:
+    """How a state dict fits a model: what loads, which heads stay fresh, what does not fit."""
+
+    usable: dict[str, torch.Tensor]
+    heads: dict[str, tuple[list[int], list[int]]]  # key: (shape in the file, shape in the model)
+    problems: list[str]
+    learned: int  # learned tensors of the model (BatchNorm step counters aside)
+
+    @property
+    def loaded(self) -> int:
+        return sum(1 for k in self.usable if not _is_counter(k))
+
+
+def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int) -> WeightsFit:
+    """Compare a state dict with the model, tensor by tensor (pure: nothing is loaded)."""
+    own = model.state_dict()
+    shape = {
+        k: (list(v.shape), list(own[k].shape))
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    }
+    heads = head_keys(model, num_classes)
+    head = {k: s for k, s in shape.items() if k in heads and s[0][1:] == s[1][1:]}
+    problems = [f"{k} {s[0]} in the file, {s[1]} in the model" for k, s in shape.items() if k not in head]
+    problems += [f"{k} missing from the file" for k in own if k not in state and not _is_counter(k)]
+    problems += [f"{k} not in the model" for k in state if k not in own]
+    usable = {k: v for k, v in state.items() if k in own and k not in shape}
+    return WeightsFit(usable, head, problems, sum(1 for k in own if not _is_counter(k)))
+
+
 def load_weights(model: nn.Module, path: Path, num_classes: int, strict: bool = True) -> None:
     """Load a local state dict; only a head for another class count may stay fresh (unless not strict).
 
@@ -98,50 +130,21 @@ def load_weights(model: nn.Module, path: Path, num_classes: int, strict: bool = 
     """
     if not path.is_file():
         raise LaunchError(f"model.weights {path} does not exist (weights are never downloaded)")
-    state = read_state_dict(path)
-    own = model.state_dict()
-    heads = head_keys(model, num_classes)
-    shape = {
-        k: (list(v.shape), list(own[k].shape))
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
-    }
-    head = {k: s for k, s in shape.items() if k in heads and s[0][1:] == s[1][1:]}
-    wrong = {k: s for k, s in shape.items() if k not in head}
-    missing = [k for k in own if k not in state and not _is_counter(k)]
-    unexpected = [k for k in state if k not in own]
-    for k, (theirs, ours) in head.items():
-        log.info(
-            "weights: classifier head %s is %s in %s, %s here (another class count): left fresh",
-            k,
-            theirs,
-            path.name,
-            ours,
-        )
-    problems = [f"{k} {s[0]} in the file, {s[1]} in the model" for k, s in wrong.items()]
-    problems += [f"{k} missing from the file" for k in missing] + [
-        f"{k} not in the model" for k in unexpected
-    ]
-    usable = {k: v for k, v in state.items() if k in own and k not in shape}
-    learned = [k for k in own if not _is_counter(k)]
-    loaded = [k for k in usable if not _is_counter(k)]
-    if problems and (strict or not loaded):
+    fit = fit_weights(model, read_state_dict(path), num_classes)
+    for k, (theirs, ours) in fit.heads.items():
+        log.info("weights: classifier head %s is %s in %s, %s here (another class count): left fresh",
+                 k, theirs, path.name, ours)  # fmt: skip
+    if fit.problems and (strict or not fit.loaded):
         hint = (
             "set model.weights_strict = false to load the tensors that fit on purpose"
-            if loaded
+            if fit.loaded
             else "no learned tensor fits: are these weights of another model or model.width?"
         )
+        more = f"; and {len(fit.problems) - 6} more" if len(fit.problems) > 6 else ""
         raise LaunchError(
-            f"model.weights {path} does not fit {len(problems)} tensor(s) of the model: "
-            + "; ".join(problems[:6])
-            + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-            + f". {hint}"
+            f"model.weights {path} does not fit {len(fit.problems)} tensor(s) of the model: "
+            f"{'; '.join(fit.problems[:6])}{more}. {hint}"
         )
-    model.load_state_dict(usable, strict=False)
-    log.info(
-        "weights: loaded %d of %d learned tensor(s) from %s%s",
-        len(loaded),
-        len(learned),
-        path,
-        f" (weights_strict = false; {len(problems)} left fresh or ignored)" if problems else "",
-    )
+    model.load_state_dict(fit.usable, strict=False)
+    partial = f" (weights_strict = false; {len(fit.problems)} left fresh or ignored)" if fit.problems else ""
+    log.info("weights: loaded %d of %d learned tensor(s) from %s%s", fit.loaded, fit.learned, path, partial)
