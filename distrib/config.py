@@ -303,6 +303,35 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True)
+class MemorySection:
+    """The memory monitor and leak detector (train; always on in run and memcheck)."""
+
+    enabled: bool = _f(True, "Monitor memory during train: memory_rank<N>.csv, memory.png, leak verdicts.")
+    interval_s: float = _f(
+        1.0, "Background sampler period (catches peaks between steps), seconds.", within="(0, inf)"
+    )
+    warmup_steps: int = _f(
+        20, "Steps not judged at the start (allocator and caches settle).", within="[0, inf)"
+    )
+    check_every: int = _f(25, "Steps between leak checks.", within="[1, inf)")
+    min_steps: int = _f(40, "Steps after warm-up before a leak can be called.", within="[3, inf)")
+    min_rate_kb: float = _f(
+        1.0, "Growth that counts as a leak: at least this many KiB per step ...", within="(0, inf)"
+    )
+    min_growth_mb: float = _f(1.0, "... and at least this many MiB over the judged steps.", within="(0, inf)")
+    census_gap: int = _f(
+        20, "Steps between the two counts of live tensors once a leak is suspected.", within="[1, inf)"
+    )
+    on_leak: str = _f(
+        "warn",
+        "warn (log the verdict), fail (stop every rank at the same step, non-zero exit), snapshot "
+        "(CUDA: record allocation history and dump a memory_viz file, then warn).",
+        choices=("warn", "fail", "snapshot"),
+    )
+    require_free: bool = _f(False, "Refuse to start when another process holds memory on an assigned GPU.")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration: one frozen value passed explicitly."""
 
@@ -315,6 +344,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    memory: MemorySection = field(default_factory=MemorySection)
 
 
 # --------------------------------------------------------------------------- checking

@@ -168,13 +168,13 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(run_dir / "metrics.csv")
 
 
-def finish(run: Run) -> None:
-    """summary.json (rank 0) with the final figures; undecodable images listed."""
+def finish(run: Run, extra: dict[str, Any]) -> None:
+    """summary.json (rank 0) with the final figures and ``extra`` sections; undecodable images listed."""
     every_bad = sorted({p for part in gather_objects(run.ctx, run.skipped) for p in part})
     if not run.ctx.is_main or run.run_dir is None:
         return
     write_bad_images(run.run_dir, every_bad)
-    summary = summarise(run, len(every_bad))
+    summary = summarise(run, len(every_bad)) | extra
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: val_acc %s after %d epoch(s); %s", summary["val_acc"], run.prog.epoch, run.run_dir)
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from datasets.build import DataSplit, build_split, normalization
 from datasets.folder import write_class_map
@@ -29,7 +32,7 @@ from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
 from distrib.engine.metrics import StepLog, end_of_epoch, finish, write_metrics
-from distrib.engine.state import EpochSums, Run, preflight, resume, resume_path, save
+from distrib.engine.state import EpochSums, Hook, Run, preflight, resume, resume_path, save
 from distrib.engine.step import (
     Feed,
     assemble,
@@ -38,6 +41,10 @@ from distrib.engine.step import (
     optimizer_step,
     set_determinism,
 )
+from distrib.memory.monitor import Monitor, Where
+from distrib.memory.preflight import cuda_index, preflight_gpu
+from distrib.memory.report import combine, verdict_table
+from distrib.process_group import all_reduce_sum, gather_objects
 from distrib.seeding import STEPS, derive_seed, seed_process
 
 log = logging.getLogger(__name__)
@@ -160,6 +167,50 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
         run.eng.batches_per_epoch,
     )
     run.hooks.append(StepLog(run_dir, cfg.train.log_every, total_steps(cfg, run.eng.batches_per_epoch)))
-    run_epochs(run)
-    finish(run)
+    monitor = start_monitor(run) if cfg.memory.enabled else None
+    try:
+        run_epochs(run)
+    finally:
+        memory = finish_monitor(run, monitor)
+    finish(run, {"memory": memory} if memory else {})
     return 0
+
+
+class MemoryHook(Hook):
+    """Hands every optimizer step to the memory monitor."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+
+    def after_step(self, run: Run) -> None:
+        self.monitor.on_step(run.prog.global_step)
+
+
+def start_monitor(run: Run) -> Monitor:
+    """The memory monitor around the loop (after the preflight for foreign GPU processes)."""
+    ctx = run.ctx
+    assert run.run_dir is not None
+    ours = {int(p) for p in gather_objects(ctx, os.getpid())}
+    preflight_gpu(ctx, run.cfg.memory, ours)
+
+    def agree(mine: bool) -> bool:  # the same answer on every rank, at the same step
+        flag = torch.tensor([1.0 if mine else 0.0], device=ctx.device)
+        return bool(all_reduce_sum(ctx, flag).item() > 0)
+
+    where = Where(ctx.rank, ctx.device, cuda_index(ctx), run.run_dir)
+    monitor = Monitor(where, run.cfg.memory, agree).start()
+    run.hooks.append(MemoryHook(monitor))
+    return monitor
+
+
+def finish_monitor(run: Run, monitor: Monitor | None) -> dict[str, Any] | None:
+    """Every rank writes its memory files; rank 0 combines them into the summary and memory.png."""
+    if monitor is None:
+        return None
+    monitor.finish()
+    if not run.ctx.is_main or run.run_dir is None:
+        return None
+    summary, reports = combine(run.run_dir, run.ctx.world_size)
+    if summary["leak_ranks"]:
+        log.warning("memory verdict:\n%s", verdict_table(reports))
+    return summary

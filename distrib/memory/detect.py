@@ -1,0 +1,181 @@
+"""Leak detection on per-step memory series: pure functions, no torch, no I/O.
+
+A leak is *sustained* growth, and the tests here are chosen so the usual shapes of
+healthy memory do not pass them:
+  - a robust slope (Theil-Sen: the median of pairwise slopes) above a rate threshold,
+    and a total growth over the window above a size threshold;
+  - a Mann-Kendall trend test (growth that noise cannot explain);
+  - growth in every part of the window (the medians of consecutive quarters rise), so a
+    buffer allocated once and kept (a step) or the caching allocator's sawtooth is not
+    called a leak, while a leak that grows all along is.
+Then :func:`classify` says what is growing, in the order a reader would check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+MAX_POINTS = 400  # Theil-Sen is quadratic: longer windows are thinned evenly
+SEGMENTS = 4
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What counts as a leak (memory.* config keys)."""
+
+    warmup_steps: int = 20
+    min_steps: int = 40
+    rate: float = 1024.0  # bytes per step
+    total: float = 1 << 20  # bytes over the window
+    z: float = 2.33  # Mann-Kendall, one-sided p < 0.01
+
+
+@dataclass(frozen=True)
+class Trend:
+    """Growth of one series over the judged window."""
+
+    slope: float  # bytes per step (Theil-Sen)
+    growth: float  # slope x window length, bytes
+    z: float  # Mann-Kendall statistic (> 0: rising)
+    rising_parts: int  # of SEGMENTS - 1 consecutive quarter-median increases
+    steps: int  # points judged
+
+    def sustained(self, th: Thresholds) -> bool:
+        return (
+            self.steps >= th.min_steps
+            and self.slope >= th.rate
+            and self.growth >= th.total
+            and self.z >= th.z
+            and self.rising_parts == SEGMENTS - 1
+        )
+
+
+def _thin(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
+    if len(xs) <= MAX_POINTS:
+        return list(xs), list(ys)
+    idx = [round(i * (len(xs) - 1) / (MAX_POINTS - 1)) for i in range(MAX_POINTS)]
+    return [xs[i] for i in idx], [ys[i] for i in idx]
+
+
+def theil_sen(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """The median of the slopes between every pair of points (robust to outliers)."""
+    xs, ys = _thin(xs, ys)
+    slopes = sorted(
+        (ys[j] - ys[i]) / (xs[j] - xs[i])
+        for i in range(len(xs))
+        for j in range(i + 1, len(xs))
+        if xs[j] != xs[i]
+    )
+    return _median(slopes) if slopes else 0.0
+
+
+def mann_kendall_z(ys: Sequence[float]) -> float:
+    """Mann-Kendall trend statistic, normal approximation (ties counted as no change)."""
+    ys = _thin(list(range(len(ys))), ys)[1]
+    n = len(ys)
+    if n < 3:
+        return 0.0
+    s = sum((ys[j] > ys[i]) - (ys[j] < ys[i]) for i in range(n) for j in range(i + 1, n))
+    var = n * (n - 1) * (2 * n + 5) / 18
+    if s == 0 or var == 0:
+        return 0.0
+    return (s - math.copysign(1, s)) / math.sqrt(var)
+
+
+def _median(v: Sequence[float]) -> float:
+    s = sorted(v)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def rising_parts(ys: Sequence[float], min_rise: float) -> int:
+    """How many of the consecutive quarter medians rise by more than ``min_rise``."""
+    n = len(ys)
+    if n < SEGMENTS * 2:
+        return 0
+    meds = [_median(ys[k * n // SEGMENTS : (k + 1) * n // SEGMENTS]) for k in range(SEGMENTS)]
+    return sum(1 for a, b in zip(meds, meds[1:], strict=False) if b - a > min_rise)
+
+
+def trend(steps: Sequence[int], values: Sequence[float | None], th: Thresholds) -> Trend | None:
+    """The trend of one series after warm-up; None when the series was not measured."""
+    pts = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None and s >= th.warmup_steps]
+    if len(pts) < 3:
+        return None
+    xs, ys = [float(p[0]) for p in pts], [float(p[1]) for p in pts]
+    slope = theil_sen(xs, ys)
+    span = xs[-1] - xs[0]
+    # each quarter should rise by a good part of what the slope predicts for it
+    rise = max(slope * span / SEGMENTS * 0.25, 0.0)
+    return Trend(slope, slope * span, mann_kendall_z(ys), rising_parts(ys, rise), len(pts))
+
+
+# --------------------------------------------------------------------------- classification
+
+# The series classify() reads (bytes), in the order that names a cause best. On CUDA
+# alloc/reserved are torch's allocator and host is glibc's in-use bytes; on the CPU
+# alloc/reserved are glibc's in-use bytes and heap (arena + mmap), and there is no host.
+ORDER = (
+    ("alloc", "tensors"),
+    ("reserved", "fragmentation"),
+    ("gpu_process", "outside_torch_gpu"),
+    ("gpu_device", "other_process"),
+    ("host", "outside_torch"),
+    ("workers_rss", "workers"),
+    ("rss", "python_objects"),
+)
+CAUSES = {
+    "tensors": "tensors kept alive from step to step (allocated memory grows)",
+    "outside_torch": "memory outside torch's tensors (numpy arrays, C extensions, buffers)",
+    "fragmentation": "the allocator's reserve grows while allocated memory is flat (fragmentation)",
+    "outside_torch_gpu": "GPU memory of this process outside torch (NCCL, cuDNN/cuBLAS workspaces, another "
+    "CUDA context, CuPy)",
+    "other_process": "another process on this GPU (device memory grows while this process is flat)",
+    "workers": "DataLoader worker processes (their RSS grows: copy-on-read of Python objects, pytorch#13246)",
+    "python_objects": "host memory outside the C heap (Python objects kept every step, mmap'd files)",
+}
+ADVICE = {
+    "tensors": "keep .item() or .detach() of what you store, not the tensor with its graph",
+    "fragmentation": "try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (CUDA), or fixed input sizes",
+    "other_process": "see `nvidia-smi` for the process; memory.require_free = true refuses such GPUs",
+    "workers": "hold dataset samples in numpy arrays or tensors, not Python lists or dicts; or fewer workers",
+    "outside_torch": "look for arrays or buffers appended every step",
+    "outside_torch_gpu": "check for CUDA memory allocated outside torch, or a growing number of NCCL groups",
+    "python_objects": "look for Python objects (lists, dicts, strings) appended every step",
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a rank's memory did: a leak (with its cause) or not."""
+
+    leak: bool
+    cause: str = ""  # a key of CAUSES
+    series: str = ""  # the series that grew
+    rate: float = 0.0  # bytes per step
+    growth: float = 0.0  # bytes over the window
+    steps: int = 0
+
+    @property
+    def text(self) -> str:
+        return CAUSES.get(self.cause, "no sustained growth")
+
+
+def classify(steps: Sequence[int], series: Mapping[str, Sequence[float | None]], th: Thresholds) -> Verdict:
+    """The first growing series in ORDER, and the cause it stands for."""
+    trends = {name: trend(steps, vals, th) for name, vals in series.items()}
+    for name, cause in ORDER:
+        t = trends.get(name)
+        if t is not None and t.sustained(th):
+            return Verdict(True, cause, name, t.slope, t.growth, t.steps)
+    judged = max((t.steps for t in trends.values() if t is not None), default=0)
+    return Verdict(False, steps=judged)
+
+
+def steps_to_oom(rate: float, headroom: float | None) -> int | None:
+    """Steps until ``headroom`` bytes are used at ``rate`` bytes per step (None: unknown)."""
+    if headroom is None or rate <= 0:
+        return None
+    return max(0, int(headroom / rate))

@@ -1,0 +1,272 @@
+"""The per-rank memory monitor: readings at step boundaries, a background sampler, the verdict.
+
+Used by the engine (through a loop hook) and around a user's own script (through
+torch's global optimizer-step hook, distrib/memory/host.py); it never needs a process
+group of its own. What it adds to a step is a few cheap readings (torch's allocator
+counters, glibc's mallinfo2, /proc RSS); everything that costs more (NVML, the children's
+RSS, USS) happens in a background thread, and the tensor census only when a leak is
+already suspected.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from distrib.config import MemorySection
+from distrib.errors import LaunchError
+from distrib.memory import census as cs
+from distrib.memory.detect import ADVICE, Thresholds, Verdict, classify, steps_to_oom
+from distrib.memory.probe import Fast, Probe
+
+log = logging.getLogger(__name__)
+COLUMNS = ("step", "t", "alloc", "reserved", "peak", "host", "heap", "rss", "workers_rss", "gpu_process",
+           "gpu_device")  # fmt: skip
+Agree = Callable[[bool], bool]  # True when any rank says True (the same answer on every rank)
+NO_GROUP = (
+    "no group of live tensors or arrays grew: most often one autograd graph growing across steps "
+    "(`total += loss` without .item()), or memory of a C extension"
+)
+
+
+class LeakError(LaunchError):
+    """memory.on_leak = fail: raised on every rank at the same step."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """Which rank this monitor watches and where it writes."""
+
+    rank: int
+    device: str  # "cpu" or "cuda:<i>"
+    cuda_index: int | None
+    run_dir: Path
+
+
+def thresholds(m: MemorySection) -> Thresholds:
+    return Thresholds(m.warmup_steps, m.min_steps, m.min_rate_kb * 1024, m.min_growth_mb * 2**20)
+
+
+@dataclass
+class Finding:
+    """A rank's final word: the verdict, the tensor groups that grew, steps left."""
+
+    verdict: Verdict
+    groups: list[str] = field(default_factory=list)
+    steps_to_oom: int | None = None
+    at_step: int = 0
+
+    def line(self, rank: int, device: str) -> str:
+        v = self.verdict
+        if not v.leak:
+            return f"rank {rank} ({device}): no leak over {v.steps} judged step(s)"
+        oom = (
+            f", out of memory in ~{self.steps_to_oom:,} steps at this rate"
+            if self.steps_to_oom is not None
+            else ""
+        )
+        advice = ADVICE.get(v.cause, "")
+        return (
+            f"memory is leaking on rank {rank} ({device}) at {_size(v.rate)}/step ({v.series}, "
+            f"+{_size(v.growth)} over {v.steps} steps){oom}; it looks like {v.text}"
+            + "".join(f"\n    {g}" for g in self.groups)
+            + (f"\n    fix: {advice}" if advice else "")
+        )
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+class Sampler(threading.Thread):
+    """Slow readings every ``interval`` seconds, and peaks of the fast ones between steps."""
+
+    def __init__(self, probe: Probe, interval: float):
+        super().__init__(name="memory-sampler", daemon=True)
+        self.probe, self.interval = probe, interval
+        self.slow = probe.slow(with_uss=True)
+        self.peak_rss = 0
+        self.times: list[tuple[float, Fast]] = []  # for scripts without an optimizer step
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while not self._stop_event.wait(self.interval):
+            n += 1
+            self.slow = self.probe.slow(with_uss=n % 10 == 0)
+            fast = self.probe.fast()
+            self.peak_rss = max(self.peak_rss, fast.rss)
+            self.times.append((time.monotonic(), fast))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=5)
+
+
+class Monitor:
+    """One rank's monitor; ``on_step`` at every optimizer step, ``finish`` once at the end."""
+
+    def __init__(self, where: Where, settings: MemorySection, agree: Agree):
+        self.where, self.settings, self.agree = where, settings, agree
+        self.th = thresholds(settings)
+        self.rows: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        self.t0 = time.monotonic()
+        self.probe: Probe | None = None
+        self.sampler: Sampler | None = None
+        self.suspect: tuple[int, Any] | None = None  # (step, census) once a leak is suspected
+        self.finding: Finding | None = None
+        self.announced = False
+        self.snapshotting = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Monitor:
+        self.probe = Probe.open(self.where.device, self.where.cuda_index)
+        if self.probe.limits and self.where.rank == 0:
+            log.info("memory monitor: not monitored here: %s", "; ".join(self.probe.limits))
+        self.sampler = Sampler(self.probe, self.settings.interval_s)
+        self.sampler.start()
+        return self
+
+    def on_step(self, step: int) -> None:
+        """Record one row; every ``check_every`` steps judge, and act on a final verdict."""
+        assert self.probe is not None and self.sampler is not None
+        fast, slow = self.probe.fast(), self.sampler.slow
+        row = {"step": step, "t": round(time.monotonic() - self.t0, 4), **asdict(fast), **asdict(slow)}
+        for c in COLUMNS:
+            self.rows[c].append(row.get(c))
+        if step % self.settings.check_every == 0:
+            self._check(step)
+
+    def finish(self) -> Finding:
+        """Stop sampling, judge the whole run, write memory_rank<N>.csv and .json."""
+        if self.sampler is not None:
+            self.sampler.stop()
+        steps = self.rows["step"][-1] if self.rows["step"] else 0
+        if self.finding is None:
+            self._judge_final(steps)
+        assert self.finding is not None
+        self._write()
+        return self.finding
+
+    # ------------------------------------------------------------------ judging
+
+    def series(self) -> dict[str, list[Any]]:
+        """What classify() reads: torch's allocator on CUDA, glibc's on the CPU."""
+        r = self.rows
+        if self.where.cuda_index is not None:
+            names = ("alloc", "reserved", "gpu_process", "gpu_device", "workers_rss", "rss")
+            return {**{n: r[n] for n in names}, "host": r["host"]}
+        return {"alloc": r["host"], "reserved": r["heap"], "workers_rss": r["workers_rss"], "rss": r["rss"]}
+
+    def _check(self, step: int) -> None:
+        if self.finding is None:
+            if self.suspect is None:
+                verdict = classify(self.rows["step"], self.series(), self.th)
+                if verdict.leak:
+                    self._suspect(step)
+            elif step >= self.suspect[0] + self.settings.census_gap:
+                self._judge_final(step)
+        if self.settings.on_leak == "fail":
+            mine = self.finding is not None and self.finding.verdict.leak
+            if self.agree(mine):
+                raise LeakError(self._stop_message())
+        elif self.finding is not None and self.finding.verdict.leak and not self.announced:
+            self.announced = True
+            log.warning("%s", self.finding.line(self.where.rank, self.where.device))
+
+    def _suspect(self, step: int) -> None:
+        self.suspect = (step, cs.census())
+        if self.settings.on_leak == "snapshot":
+            from distrib.memory.snapshot import start_recording
+
+            self.snapshotting = start_recording(self.where.device)
+
+    def _judge_final(self, step: int) -> None:
+        verdict = classify(self.rows["step"], self.series(), self.th)
+        groups: list[str] = []
+        if self.suspect is not None and verdict.leak:
+            gap = step - self.suspect[0]
+            growth = cs.grown(self.suspect[1], cs.census(), gap)
+            groups = [g.describe(gap) for g in growth] or [NO_GROUP]
+            verdict = refine(verdict, growth, self.where.cuda_index is not None)
+            if self.snapshotting:
+                from distrib.memory.snapshot import dump_and_explain
+
+                groups += dump_and_explain(
+                    self.where.run_dir / f"memory_snapshot_rank{self.where.rank}.pickle"
+                )
+        headroom = self._headroom()
+        self.finding = Finding(
+            verdict, groups, steps_to_oom(verdict.rate, headroom) if verdict.leak else None, step
+        )
+
+    def _headroom(self) -> int | None:
+        if self.probe is None or self.sampler is None:
+            return None
+        try:
+            return self.probe.headroom(self.probe.fast(), self.sampler.slow)
+        except Exception:  # a driver call failed at the end: the estimate goes without
+            return None
+
+    def _stop_message(self) -> str:
+        if self.finding is not None and self.finding.verdict.leak:
+            return "memory.on_leak = fail: " + self.finding.line(self.where.rank, self.where.device)
+        return (
+            f"memory.on_leak = fail: another rank found a memory leak; rank {self.where.rank} stops with it"
+        )
+
+    # ------------------------------------------------------------------ output
+
+    def _write(self) -> None:
+        w, f = self.where, self.finding
+        assert f is not None
+        w.run_dir.mkdir(parents=True, exist_ok=True)
+        with (w.run_dir / f"memory_rank{w.rank}.csv").open("w", newline="") as fh:
+            wr = csv.writer(fh)
+            wr.writerow(COLUMNS)
+            wr.writerows(zip(*(self.rows[c] for c in COLUMNS), strict=True))
+        (w.run_dir / f"memory_rank{w.rank}.json").write_text(json.dumps(self.report(), indent=2))
+
+    def report(self) -> dict[str, Any]:
+        """This rank's figures for summary.json and the verdict table."""
+        f = self.finding
+        assert f is not None
+        peaks = {c: max((v for v in self.rows[c] if v is not None), default=None) for c in COLUMNS[2:]}
+        if self.sampler is not None:
+            peaks["rss"] = max(peaks["rss"] or 0, self.sampler.peak_rss)
+        return {
+            "rank": self.where.rank,
+            "device": self.where.device,
+            "steps": self.rows["step"][-1] if self.rows["step"] else 0,
+            "peak": peaks,
+            "gpu_total": self.sampler.slow.gpu_total if self.sampler else None,
+            "not_monitored": self.probe.limits if self.probe else [],
+            "leak": f.verdict.leak,
+            "verdict": asdict(f.verdict) | {"text": f.verdict.text},
+            "groups": f.groups,
+            "steps_to_oom": f.steps_to_oom,
+            "message": f.line(self.where.rank, self.where.device),
+        }
+
+
+def refine(verdict: Verdict, growth: list[cs.Growth], cuda: bool) -> Verdict:
+    """On the CPU glibc's counters hold tensors and everything else: the census tells which."""
+    if verdict.cause != "tensors" or cuda:
+        return verdict
+    if any(g.group[0] == "tensor" for g in growth):
+        return verdict
+    if any(g.group[0] == "ndarray" for g in growth):
+        return replace(verdict, cause="outside_torch")
+    return verdict  # no group grew: a growing autograd graph (total += loss) or a C extension
