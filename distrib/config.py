@@ -226,7 +226,11 @@ SHAPE_KEYS = ("name", "batchnorm", "width")  # [model] keys that decide a state 
 class ModelSection:
     """Which network to train."""
 
-    name: str = _f("small_cnn", "small_cnn, or a torchvision.models name (resnet18, resnet50, ...).")
+    name: str = _f(
+        "small_cnn",
+        "small_cnn, a torchvision.models name (resnet18, resnet50, ...), or your own 'module:Class' "
+        "(called with num_classes=; importable on every rank).",
+    )
     weights: str = _f("", "Pretrained weights from a local file (nothing is downloaded); empty = none.")
     weights_strict: bool = _f(
         True,
@@ -318,7 +322,12 @@ class MemorySection:
     min_rate_kb: float = _f(
         1.0, "Growth that counts as a leak: at least this many KiB per step ...", within="(0, inf)"
     )
-    min_growth_mb: float = _f(1.0, "... and at least this many MiB over the judged steps.", within="(0, inf)")
+    min_growth_mb: float = _f(
+        2.0,
+        "... and at least this many MiB over the judged steps (plus, with several ranks, the ~2 MiB the "
+        "flight recorder fills).",
+        within="(0, inf)",
+    )
     census_gap: int = _f(
         20, "Steps between the two counts of live tensors once a leak is suspected.", within="[1, inf)"
     )

@@ -47,6 +47,8 @@ def build_model(cfg: ModelSection, num_classes: int) -> nn.Module:
     """The configured model with ``num_classes`` outputs (weights from cfg.weights if set)."""
     if cfg.name == "small_cnn":
         model: nn.Module = SmallCNN(num_classes, cfg.width, cfg.batchnorm, cfg.dropout)
+    elif ":" in cfg.name:
+        model = import_model(cfg.name, num_classes)
     else:
         import torchvision
 
@@ -60,6 +62,24 @@ def build_model(cfg: ModelSection, num_classes: int) -> nn.Module:
         model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
     if cfg.weights:
         load_weights(model, Path(cfg.weights), num_classes, strict=cfg.weights_strict)
+    return model
+
+
+def import_model(spec: str, num_classes: int) -> nn.Module:
+    """'package.module:Class' -> Class(num_classes=...): a user's own model, importable from PYTHONPATH."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise LaunchError(
+            f"model.name {spec!r}: cannot import {attr!r} from {module_name!r} ({e}); the module must be "
+            "importable by every rank (PYTHONPATH) and define that class or function"
+        ) from None
+    model = factory(num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise LaunchError(f"model.name {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 

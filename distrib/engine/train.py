@@ -197,7 +197,7 @@ def start_monitor(run: Run) -> Monitor:
         flag = torch.tensor([1.0 if mine else 0.0], device=ctx.device)
         return bool(all_reduce_sum(ctx, flag).item() > 0)
 
-    where = Where(ctx.rank, ctx.device, cuda_index(ctx), run.run_dir)
+    where = Where(ctx.rank, ctx.world_size, ctx.device, cuda_index(ctx), run.run_dir)
     monitor = Monitor(where, run.cfg.memory, agree).start()
     run.hooks.append(MemoryHook(monitor))
     return monitor

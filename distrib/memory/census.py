@@ -28,10 +28,12 @@ def census() -> Counter[Group]:
         ndarray: type | None = np.ndarray
     except ImportError:
         ndarray = None
+    # type(), not isinstance(): some objects answer __class__ with a deprecation warning
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
+        tp = type(obj)
+        if issubclass(tp, torch.Tensor):
             _count(obj, counts, seen)
-        elif ndarray is not None and isinstance(obj, list | tuple | dict | set):
+        elif ndarray is not None and tp in (list, tuple, dict, set):
             # numpy arrays are not tracked by gc; find them in the containers that hold them
             items: Iterable[object] = obj.values() if isinstance(obj, dict) else obj
             for item in items:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MAX_POINTS = 400  # Theil-Sen is quadratic: longer windows are thinned evenly
 SEGMENTS = 4
@@ -124,7 +124,6 @@ ORDER = (
     ("gpu_device", "other_process"),
     ("host", "outside_torch"),
     ("workers_rss", "workers"),
-    ("rss", "python_objects"),
 )
 CAUSES = {
     "tensors": "tensors kept alive from step to step (allocated memory grows)",
@@ -134,7 +133,6 @@ CAUSES = {
     "CUDA context, CuPy)",
     "other_process": "another process on this GPU (device memory grows while this process is flat)",
     "workers": "DataLoader worker processes (their RSS grows: copy-on-read of Python objects, pytorch#13246)",
-    "python_objects": "host memory outside the C heap (Python objects kept every step, mmap'd files)",
 }
 ADVICE = {
     "tensors": "keep .item() or .detach() of what you store, not the tensor with its graph",
@@ -143,7 +141,6 @@ ADVICE = {
     "workers": "hold dataset samples in numpy arrays or tensors, not Python lists or dicts; or fewer workers",
     "outside_torch": "look for arrays or buffers appended every step",
     "outside_torch_gpu": "check for CUDA memory allocated outside torch, or a growing number of NCCL groups",
-    "python_objects": "look for Python objects (lists, dicts, strings) appended every step",
 }
 
 
@@ -163,12 +160,29 @@ class Verdict:
         return CAUSES.get(self.cause, "no sustained growth")
 
 
-def classify(steps: Sequence[int], series: Mapping[str, Sequence[float | None]], th: Thresholds) -> Verdict:
-    """The first growing series in ORDER, and the cause it stands for."""
+# An allocator's reserve drifts up on healthy runs (glibc's heap by a few KiB per step,
+# torch's in whole segments); it counts as fragmentation only when it grows much faster.
+SCALE = {"reserved": 8.0}
+
+
+def classify(
+    steps: Sequence[int],
+    series: Mapping[str, Sequence[float | None]],
+    th: Thresholds,
+    allowance: Mapping[str, float] | None = None,
+) -> Verdict:
+    """The first growing series in ORDER, and the cause it stands for.
+
+    ``allowance`` adds bytes a series may grow by for a known, bounded reason (the process
+    group's flight recorder filling its ring buffer) before growth counts.
+    """
     trends = {name: trend(steps, vals, th) for name, vals in series.items()}
+    allowance = allowance or {}
     for name, cause in ORDER:
         t = trends.get(name)
-        if t is not None and t.sustained(th):
+        k = SCALE.get(name, 1.0)
+        limits = replace(th, rate=th.rate * k, total=th.total * k + allowance.get(name, 0.0))
+        if t is not None and t.sustained(limits):
             return Verdict(True, cause, name, t.slope, t.growth, t.steps)
     judged = max((t.steps for t in trends.values() if t is not None), default=0)
     return Verdict(False, steps=judged)
