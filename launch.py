@@ -38,6 +38,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distrib.config import Config, dump_config, load_config
 from distrib.context import resolve_backend, started_as_rank
@@ -54,10 +55,25 @@ from distrib.errors import LaunchError
 from distrib.logs import check_log_ranks, setup_logging
 from distrib.spawn import SpawnPlan, spawn, strip_launcher_flags
 
+if TYPE_CHECKING:
+    from distrib.memory.host import Target
+
 log = logging.getLogger("launch")
 Job = Callable[..., int]
 
-COMMANDS = ("train", "eval", "check", "organize", "stats", "preview", "env", "config", "bench")
+COMMANDS = (
+    "train",
+    "eval",
+    "check",
+    "run",
+    "memcheck",
+    "organize",
+    "stats",
+    "preview",
+    "env",
+    "config",
+    "bench",
+)
 SCRIPT = str(Path(__file__).resolve())
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
 
@@ -81,6 +97,12 @@ def _port(text: str) -> int:
 def _nonneg(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
     return int(text)
 
 
@@ -164,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON")
     prev = sub.add_parser("preview", parents=[common], help="PNG grid of one augmented batch")
     prev.add_argument("--out", help="PNG path (default: runs/<name>/preview.png)")
+    run = sub.add_parser(
+        "run",
+        parents=[common, launcher],
+        help="your own script (SCRIPT.py args, or -m module args) under the memory monitor; torchrun drop-in",
+    )
+    run.set_defaults(steps=None)
+    mem = sub.add_parser(
+        "memcheck",
+        parents=[common, launcher],
+        help="the training job (or -- SCRIPT.py args) with the leak detector set to fail; exit 3 on a leak",
+    )
+    mem.add_argument("--steps", type=_positive, help="optimizer steps to watch (our job: 300; a script: all)")
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument(
         "what",
@@ -263,6 +297,29 @@ def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inv
     )
 
 
+def worker_argv(args: argparse.Namespace, argv: list[str], cfg: Config) -> list[str]:
+    """The spawned workers' command line: ours without launcher flags, then the script's untouched.
+
+    A user's script gets its run directory's name from here, so every rank (and a restart)
+    writes to the same one without needing a process group to agree.
+    """
+    target = getattr(args, "target", None)
+    if target is None:
+        return strip_launcher_flags(argv)
+    from distrib.memory.host import run_name
+
+    ours = strip_launcher_flags(argv[: len(argv) - len(target_argv(target))])
+    if not cfg.run.name:
+        ours += ["--set", f"run.name={run_name(cfg, {})}"]
+    return ours + target_argv(target)
+
+
+def target_argv(target: Target) -> list[str]:
+    if not (target.script or target.module):
+        return []
+    return (["-m", target.module] if target.module else ["--", target.script]) + list(target.args)
+
+
 def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
     """Worker (under torchrun/SLURM/alone) or launcher (with --nproc-per-node)."""
     nproc = getattr(args, "nproc_per_node", None)
@@ -272,13 +329,14 @@ def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
     plan, applied, inventory = prepare_devices(cfg, need_inventory=spawning)
     if spawning:
         sp = spawn_plan(args, cfg, plan, inventory)
-        return spawn(sp, SCRIPT, strip_launcher_flags(argv))
+        return spawn(sp, SCRIPT, worker_argv(args, argv, cfg))
     if nproc is not None:
         log.warning("--nproc-per-node ignored: this process is already a rank (torchrun)")
     from distrib.worker import run_recorded, run_worker
 
     job = job_for(args, applied)  # imports torch: only now, after the CUDA variables are set
-    return run_recorded(lambda: run_worker(cfg, plan, args.command, job))
+    own_group = not (getattr(args, "target", None) and (args.target.script or args.target.module))
+    return run_recorded(lambda: run_worker(cfg, plan, args.command, job, own_group))
 
 
 def job_for(args: argparse.Namespace, applied: AppliedEnv) -> Job:
@@ -301,6 +359,13 @@ def job_for(args: argparse.Namespace, applied: AppliedEnv) -> Job:
         from distrib.check import check_job
 
         return functools.partial(check_job, applied=applied)
+    if args.command in ("run", "memcheck"):
+        from distrib.memory import host
+
+        if args.target.script or args.target.module:
+            steps = args.steps if args.command == "memcheck" else None
+            return functools.partial(host.script_job, target=args.target, max_steps=steps)
+        return functools.partial(host.memcheck_job, steps=args.steps or host.MEMCHECK_STEPS)
     from distrib.engine.train import train_job
 
     return train_job
@@ -348,9 +413,46 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
     return overhead.main(out, opt["repeats"], opt["steps"], opt["batch"], opt["size"])
 
 
+def parse(items: list[str]) -> argparse.Namespace:
+    """argparse, except that ``run``/``memcheck`` hand everything from the script on to the script."""
+    parser = build_parser()
+    if items[0] not in ("run", "memcheck"):
+        return parser.parse_args(items)
+    from distrib.memory.host import split_target
+
+    head, target = split_target(items[1:], value_flags(parser, items[0]))
+    args = parser.parse_args([items[0], *head])
+    args.target = target
+    if items[0] == "run" or target.script or target.module:
+        target.check()
+    return args
+
+
+def value_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    """The options of ``command`` that take a value (so the value is not taken for the script)."""
+    sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))  # type: ignore[union-attr]
+    return {s for a in sub.choices[command]._actions if a.nargs != 0 for s in a.option_strings}
+
+
+def command_config(args: argparse.Namespace, cfg: Config) -> Config:
+    """run: the monitor always on; memcheck: on and failing (our job: ``--steps`` steps, no checkpoints)."""
+    import dataclasses
+
+    if args.command not in ("run", "memcheck"):
+        return cfg
+    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, enabled=True))
+    if args.command == "run":
+        return cfg
+    if args.target.script or args.target.module:
+        return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, on_leak="fail"))
+    from distrib.memory.host import MEMCHECK_STEPS, memcheck_config
+
+    return memcheck_config(cfg, args.steps or MEMCHECK_STEPS)
+
+
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    cfg = load_config(path, [*args.set, *flag_overrides(args)])
+    cfg = command_config(args, load_config(path, [*args.set, *flag_overrides(args)]))
     setup_logging(None, cfg.launch.log_ranks)
     if args.command == "config":
         sys.stdout.write(dump_config(cfg))
@@ -373,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(None)
     try:
         items = normalise_argv(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(items)
+        args = parse(items)
         return run_command(args, items)
     except LaunchError as e:
         log.error("%s", e)

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from distrib.errors import LaunchError
+from distrib.errors import LEAK_EXIT, LaunchError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,8 @@ def describe_failure(rank: int, failure: object) -> str:
     exitcode = getattr(failure, "exitcode", "?")
     local = getattr(failure, "local_rank", "?")
     pid = getattr(failure, "pid", "?")
+    if exitcode == LEAK_EXIT and (not message or "elastic/errors.html" in str(message)):
+        message = "the memory detector found a leak (its verdict is above)"  # an exit status, not a crash
     return (
         f"worker rank {rank} (local rank {local}, pid {pid}) failed with exit code {exitcode}: "
         f"{message or 'no error recorded (killed by a signal or exited without @record)'}"

@@ -108,8 +108,28 @@ def make_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
     return path
 
 
-def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job) -> int:
-    """Run ``job`` as this process's rank; returns the exit status."""
+def script_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
+    """The run directory of a user's script: named alike on every rank without a collective."""
+    from distrib.memory.host import run_name
+
+    path = Path(cfg.run.out_dir) / run_name(cfg, dict(os.environ))
+    refusal = claim_run_dir(cfg, path, command)  # every rank reads the same files: the same answer
+    if refusal:
+        raise LaunchError(refusal)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main:
+            (path / "config.toml").write_text(dump_config(cfg))
+    except OSError as e:
+        raise LaunchError(f"cannot write the run directory {path}: {e.strerror}; set run.out_dir") from e
+    return path
+
+
+def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job, own_group: bool = True) -> int:
+    """Run ``job`` as this process's rank; returns the exit status.
+
+    ``own_group=False``: the job is a user's script that makes its own process group.
+    """
     ctx = build_context(cfg, plan)
     check_log_ranks(cfg.launch.log_ranks, ctx.world_size)
     setup_logging(ctx.rank, cfg.launch.log_ranks)
@@ -124,6 +144,8 @@ def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job) -> int:
         ctx.device,
         ctx.backend,
     )
+    if not own_group:
+        return job(ctx, cfg, script_run_dir(ctx, cfg, command))
     bind_device(ctx)
     with process_group(ctx, cfg.dist.timeout_s):
         run_dir = make_run_dir(ctx, cfg, command)

@@ -1,0 +1,212 @@
+"""``run`` and ``memcheck``: a user's own, unchanged script (or our training job) under the monitor.
+
+A worker started by torchrun or our elastic-agent spawn runs the script with ``runpy``
+as ``__main__``, with its own ``sys.argv``; the script initialises its own process group.
+Step boundaries come from torch's global optimizer-step hook, so any optimizer in any
+script reports its steps without a line changed; a script without an optimizer is
+sampled by time instead. The script's exit code is the job's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import runpy
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from distrib.config import Config
+from distrib.context import DistContext
+from distrib.errors import LEAK_EXIT, LaunchError
+from distrib.memory.monitor import LeakError, Monitor, Where
+from distrib.memory.preflight import cuda_index, preflight_gpu
+from distrib.memory.report import combine, verdict_table
+
+log = logging.getLogger(__name__)
+MEMCHECK_STEPS = 300  # memcheck of our own training job: steps to watch
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to run: a script path or a module (-m), and its own arguments, untouched."""
+
+    script: str = ""
+    module: str = ""
+    args: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.module or self.script
+
+    def check(self) -> None:
+        if not (self.script or self.module):
+            raise LaunchError("give a script to run: launch.py run [flags] SCRIPT.py [args] (or -m module)")
+        if self.script and not Path(self.script).is_file():
+            raise LaunchError(f"script {self.script} does not exist")
+
+
+class ScriptStop(BaseException):  # noqa: N818 - a control-flow signal, like SystemExit
+    """Raised from the optimizer-step hook to end the user's script (a BaseException, so the
+    script's own ``except Exception`` cannot swallow it)."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message)
+        self.code = code
+
+
+def run_name(cfg: Config, env: dict[str, str]) -> str:
+    """The run directory's name, the same on every rank without a collective."""
+    if cfg.run.name:
+        return cfg.run.name
+    if "MASTER_PORT" in env:  # one launch: every rank sees the same rendezvous
+        key = "|".join(env.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+        return f"{time.strftime('%Y%m%d')}-run-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-run-{os.getpid() % 10000:04d}"
+
+
+def user_agree(ctx: DistContext) -> Any:
+    """Agreement across ranks through the script's own default process group (at optimizer steps,
+    where every rank is anyway); alone, or before the script made a group, a rank decides alone."""
+
+    def agree(mine: bool) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return mine
+        device = ctx.device if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1.0 if mine else 0.0], device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    return agree
+
+
+class StepCounter:
+    """torch's global optimizer-step hook: every optimizer's step is a step boundary."""
+
+    def __init__(self, monitor: Monitor, max_steps: int | None):
+        self.monitor, self.max_steps, self.steps = monitor, max_steps, 0
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.steps += 1
+        try:
+            self.monitor.on_step(self.steps)
+        except LeakError as e:
+            raise ScriptStop(LEAK_EXIT, str(e)) from None
+        if self.max_steps and self.steps >= self.max_steps:
+            raise ScriptStop(0, f"memcheck: stopped after {self.steps} optimizer steps (--steps)")
+
+
+def execute(target: Target) -> int:
+    """Run the script as ``__main__`` with its own argv; its exit code (exceptions propagate)."""
+    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else ""
+    try:
+        if target.module:
+            sys.argv = [target.module, *target.args]
+            runpy.run_module(target.module, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [target.script, *target.args]
+            sys.path[0] = str(Path(target.script).resolve().parent)
+            runpy.run_path(target.script, run_name="__main__")
+    except SystemExit as e:
+        return exit_code(e.code)
+    finally:
+        sys.argv = saved_argv
+        if sys.path:
+            sys.path[0] = saved_path0
+    return 0
+
+
+def exit_code(code: object) -> int:
+    """SystemExit's code as a process would exit with it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
+
+
+def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, max_steps: int | None) -> int:
+    """One rank: preflight, the monitor around the script, the verdict; the script's exit code."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    preflight_gpu(ctx, cfg.memory, set())
+    where = Where(ctx.rank, ctx.world_size, ctx.device, cuda_index(ctx), run_dir)
+    monitor = Monitor(where, cfg.memory, user_agree(ctx)).start()
+    counter = StepCounter(monitor, max_steps)
+    handle = register_optimizer_step_post_hook(counter)
+    log.info("running %s %s under the memory monitor", target.name, " ".join(target.args))
+    code = 0
+    try:
+        code = execute(target)
+    except ScriptStop as stop:
+        code = stop.code
+        (log.error if stop.code else log.info)("%s", stop)
+    finally:
+        handle.remove()
+        monitor.finish()
+    if counter.steps == 0:
+        log.info("the script made no optimizer step: memory was judged on %s samples", "time")
+    return conclude(ctx, run_dir, code, target)
+
+
+def conclude(ctx: DistContext, run_dir: Path, code: int, target: Target | None) -> int:
+    """Rank 0 puts the ranks side by side (summary.json, memory.png, the table)."""
+    if not ctx.is_main:
+        return code
+    summary, reports = combine(run_dir, ctx.world_size)
+    record = {"memory": summary, "exit_code": code}
+    if target is not None:
+        record["target"] = {"name": target.name, "args": list(target.args)}
+    (run_dir / "summary.json").write_text(json.dumps(record, indent=2))
+    sys.stdout.write(verdict_table(reports) + f"\nmemory files: {run_dir}\n")
+    sys.stdout.flush()
+    return code
+
+
+def memcheck_job(ctx: DistContext, cfg: Config, run_dir: Path, *, steps: int) -> int:
+    """Our training job for ``steps`` steps with the detector set to fail; exit 3 on a leak."""
+    from distrib.engine.train import train_job
+
+    code = 0
+    try:
+        train_job(ctx, cfg, run_dir)
+    except LeakError as e:
+        log.error("%s", e)
+        code = LEAK_EXIT
+    conclude(ctx, run_dir, code, None)
+    leak = any(json.loads(p.read_text())["leak"] for p in run_dir.glob("memory_rank*.json"))
+    return LEAK_EXIT if leak else code
+
+
+def memcheck_config(cfg: Config, steps: int) -> Config:
+    """The training config for memcheck: the monitor on and failing, ``steps`` steps, no checkpoints."""
+    return replace(
+        cfg,
+        memory=replace(cfg.memory, enabled=True, on_leak="fail"),
+        train=replace(cfg.train, max_steps=steps, epochs=max(cfg.train.epochs, 10**6)),
+        checkpoint=replace(cfg.checkpoint, every_epoch=False, every_steps=0),
+    )
+
+
+def split_target(items: Sequence[str], value_flags: set[str]) -> tuple[list[str], Target]:
+    """(our flags, target) from ``run``/``memcheck``'s argv: the target starts at the first
+    positional, at ``-m MODULE``, or after ``--``; everything from there is the script's."""
+    for i, item in enumerate(items):
+        if item == "--":
+            rest = items[i + 1 :]
+            return list(items[:i]), Target(rest[0] if rest else "", "", tuple(rest[1:]))
+        if item == "-m":
+            rest = items[i + 1 :]
+            return list(items[:i]), Target("", rest[0] if rest else "", tuple(rest[1:]))
+        if not item.startswith("-") and (i == 0 or items[i - 1] not in value_flags):
+            return list(items[:i]), Target(item, "", tuple(items[i + 1 :]))
+    return list(items), Target()
