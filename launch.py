@@ -308,7 +308,7 @@ def worker_argv(args: argparse.Namespace, argv: list[str], cfg: Config) -> list[
         return strip_launcher_flags(argv)
     from distrib.memory.host import run_name
 
-    ours = strip_launcher_flags(argv[: len(argv) - len(target_argv(target))])
+    ours = strip_launcher_flags(args.ours)
     if not cfg.run.name:
         ours += ["--set", f"run.name={run_name(cfg, {})}"]
     return ours + target_argv(target)
@@ -422,7 +422,7 @@ def parse(items: list[str]) -> argparse.Namespace:
 
     head, target = split_target(items[1:], value_flags(parser, items[0]))
     args = parser.parse_args([items[0], *head])
-    args.target = target
+    args.target, args.ours = target, [items[0], *head]
     if items[0] == "run" or target.script or target.module:
         target.check()
     return args

@@ -96,6 +96,31 @@ def collect(inventory: Inventory, applied: AppliedEnv, env: Mapping[str, str]) -
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "dev_shm": shm_info(),
         "port_29500_free": port_free(29500),
+        "memory_monitor": memory_sources(inventory),
+    }
+
+
+def memory_sources(inventory: Inventory) -> dict[str, str]:
+    """What the memory monitor can read on this machine, and why not where it cannot."""
+    from distrib.memory.probe import _glibc_mallinfo2
+
+    try:
+        import psutil  # noqa: F401
+
+        host = "RSS/USS via psutil"
+    except ImportError:
+        host = "not monitored: psutil is not installed"
+    gpu = (
+        "torch allocator + NVML process/device memory (by UUID)"
+        if inventory.source == "nvml"
+        else f"not monitored: {inventory.nvml_error or 'no NVIDIA GPU'}"
+    )
+    return {
+        "allocator": "glibc mallinfo2 (in-use bytes, heap)"
+        if _glibc_mallinfo2() is not None
+        else "not monitored: this libc has no mallinfo2; RSS only",
+        "host": host,
+        "gpu": gpu,
     }
 
 
@@ -137,6 +162,8 @@ def render_text(info: Mapping[str, Any]) -> str:
         f"/dev/shm      {shm_text}",
         f"port 29500    {'free' if info['port_29500_free'] else 'IN USE (torchrun default)'}",
     ]
+    mem = info["memory_monitor"]
+    lines.append(f"memory        host: {mem['host']}; allocator: {mem['allocator']}; GPU: {mem['gpu']}")
     return "\n".join(lines)
 
 

@@ -126,11 +126,13 @@ def describe_failure(rank: int, failure: object) -> str:
     exitcode = getattr(failure, "exitcode", "?")
     local = getattr(failure, "local_rank", "?")
     pid = getattr(failure, "pid", "?")
-    if exitcode == LEAK_EXIT and (not message or "elastic/errors.html" in str(message)):
+    if "elastic/errors.html" in str(message):
+        message = ""  # torch's placeholder: the worker exited without raising
+    if exitcode == LEAK_EXIT and not message:
         message = "the memory detector found a leak (its verdict is above)"  # an exit status, not a crash
     return (
         f"worker rank {rank} (local rank {local}, pid {pid}) failed with exit code {exitcode}: "
-        f"{message or 'no error recorded (killed by a signal or exited without @record)'}"
+        f"{message or 'no Python error recorded (it exited with that status, or a signal killed it)'}"
     )
 
 

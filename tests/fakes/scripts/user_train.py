@@ -1,0 +1,38 @@
+"""A user's own training script: its own process group, DDP and optimizer. LEAK=graph|numpy|none."""
+
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+leak = os.environ.get("LEAK", "none")
+steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+distributed = "RANK" in os.environ
+if distributed:
+    dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 100))
+if distributed:
+    model = nn.parallel.DistributedDataParallel(model)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x, y = torch.randn(64, 64), torch.randint(0, 100, (64,))  # a fixed batch
+history = []
+for step in range(steps):
+    out = model(x)
+    loss = nn.functional.cross_entropy(out, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if leak == "graph":
+        history.append(out)  # the bug: the output is kept with its autograd graph
+    elif leak == "numpy":
+        history.append(np.ones(4096))  # 32 KiB of host memory outside torch, every step
+    elif leak == "once" and step == steps // 2:
+        history.append(torch.ones(2**22))  # one 16 MiB buffer, then flat
+if distributed:
+    dist.destroy_process_group()
+print("done", steps, "steps")
+sys.exit(int(os.environ.get("EXIT_CODE", "0")))
