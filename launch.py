@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--size", type=int, help="data: the recipe's Resize((S, S)), 1024; overhead: image px, 64"
     )
-    bench.add_argument("--steps", type=int, help="overhead: step pairs per epoch (60)")
+    bench.add_argument("--steps", type=int, help="overhead: step pairs per epoch (120)")
     return parser
 
 
@@ -390,7 +390,7 @@ def run_organize(args: argparse.Namespace) -> int:
 BENCH_DEFAULTS = {
     "launch": {"repeats": 5},
     "data": {"repeats": 5, "batch": 8, "size": 1024},
-    "overhead": {"repeats": 4, "steps": 60, "batch": 32, "size": 64},
+    "overhead": {"repeats": 4, "steps": 120, "batch": 32, "size": 64},
 }
 
 

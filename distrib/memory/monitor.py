@@ -30,6 +30,7 @@ from distrib.memory.probe import Fast, Probe
 log = logging.getLogger(__name__)
 COLUMNS = ("step", "t", "alloc", "reserved", "peak", "host", "heap", "rss", "workers_rss", "gpu_process",
            "gpu_device")  # fmt: skip
+WINDOW = 2000  # steps judged: the recent ones (a check then costs ~2 ms however long the run)
 Agree = Callable[[bool], bool]  # True when any rank says True (the same answer on every rank)
 NO_GROUP = (
     "no group of live tensors or arrays grew: most often one autograd graph growing across steps "
@@ -167,10 +168,14 @@ class Monitor:
     def on_step(self, step: int) -> None:
         """Record one row; every ``check_every`` steps judge, and act on a final verdict."""
         assert self.probe is not None and self.sampler is not None
-        fast, slow = self.probe.fast(), self.sampler.slow
-        row = {"step": step, "t": round(time.monotonic() - self.t0, 4), **asdict(fast), **asdict(slow)}
-        for c in COLUMNS:
-            self.rows[c].append(row.get(c))
+        fast, slow, r = self.probe.fast(), self.sampler.slow, self.rows
+        for c, v in (
+            ("step", step), ("t", round(time.monotonic() - self.t0, 4)), ("alloc", fast.alloc),
+            ("reserved", fast.reserved), ("peak", fast.peak), ("host", fast.host), ("heap", fast.heap),
+            ("rss", fast.rss), ("workers_rss", slow.workers_rss), ("gpu_process", slow.gpu_process),
+            ("gpu_device", slow.gpu_device),
+        ):  # fmt: skip
+            r[c].append(v)
         if step % self.settings.check_every == 0:
             self._check(step)
 
@@ -188,8 +193,8 @@ class Monitor:
     # ------------------------------------------------------------------ judging
 
     def series(self) -> dict[str, list[Any]]:
-        """What classify() reads: torch's allocator on CUDA, glibc's on the CPU."""
-        r = self.rows
+        """What classify() reads (the last WINDOW steps): torch's allocator on CUDA, glibc's on the CPU."""
+        r = {c: v[-WINDOW:] for c, v in self.rows.items()}
         if self.where.cuda_index is not None:
             names = ("alloc", "reserved", "gpu_process", "gpu_device", "workers_rss")
             return {**{n: r[n] for n in names}, "host": r["host"]}
@@ -202,7 +207,7 @@ class Monitor:
     def _check(self, step: int) -> None:
         if self.finding is None:
             if self.suspect is None:
-                verdict = classify(self.rows["step"], self.series(), self.th, self.allowance)
+                verdict = classify(self.rows["step"][-WINDOW:], self.series(), self.th, self.allowance)
                 if verdict.leak:
                     self._suspect(step)
             elif step >= self.suspect[0] + self.settings.census_gap:
@@ -223,7 +228,7 @@ class Monitor:
             self.snapshotting = start_recording(self.where.device)
 
     def _judge_final(self, step: int) -> None:
-        verdict = classify(self.rows["step"], self.series(), self.th, self.allowance)
+        verdict = classify(self.rows["step"][-WINDOW:], self.series(), self.th, self.allowance)
         groups: list[str] = []
         if self.suspect is not None and verdict.leak:
             gap = step - self.suspect[0]
@@ -281,6 +286,7 @@ class Monitor:
             "steps": self.rows["step"][-1] if self.rows["step"] else 0,
             "peak": peaks,
             "gpu_total": self.sampler.slow.gpu_total if self.sampler else None,
+            "gpu_uuid": self.probe.gpu_uuid if self.probe else "",
             "not_monitored": self.probe.limits if self.probe else [],
             "leak": f.verdict.leak,
             "verdict": asdict(f.verdict) | {"text": f.verdict.text},

@@ -23,6 +23,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 CGROUP = Path("/sys/fs/cgroup")
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class _MallInfo2(ctypes.Structure):
@@ -75,7 +76,9 @@ class Probe:
     limits: list[str] = field(default_factory=list)  # what is not monitored, and why
     _proc: Any = None
     _mallinfo: Any = None
-    _nvml: Any = None  # (pynvml module, handle)
+    _nvml: Any = None  # (pynvml module, handle, uuid)
+    _statm: int | None = None  # an open /proc/self/statm
+    gpu_uuid: str = ""  # the NVML UUID this rank's GPU was found by
 
     @staticmethod
     def open(device: str, cuda_index: int | None) -> Probe:
@@ -87,6 +90,10 @@ class Probe:
             p._proc = psutil.Process()
         except ImportError:
             p.limits.append("host RSS/USS: psutil is not installed (pip install psutil)")
+        try:
+            p._statm = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:  # not Linux: psutil's reading
+            p._statm = None
         p._mallinfo = _glibc_mallinfo2()
         if p._mallinfo is None:
             p.limits.append(
@@ -96,6 +103,7 @@ class Probe:
             p.limits.append("GPU memory (torch allocator, NVML): this rank runs on the CPU")
         else:
             p._nvml = _open_nvml(cuda_index, p.limits)
+            p.gpu_uuid = p._nvml[2] if p._nvml else ""
         return p
 
     def fast(self) -> Fast:
@@ -110,9 +118,17 @@ class Probe:
         if self._mallinfo is not None:
             m = self._mallinfo()
             f.host, f.heap = m.uordblks + m.hblkhd, m.arena + m.hblkhd
-        if self._proc is not None:
-            f.rss = self._proc.memory_info().rss
+        f.rss = self._rss()
         return f
+
+    def _rss(self) -> int:
+        """Resident bytes from /proc/self/statm through a descriptor kept open (a few us; psutil: ~12)."""
+        if self._statm is not None:
+            try:
+                return int(os.pread(self._statm, 128, 0).split()[1]) * PAGE
+            except (OSError, ValueError, IndexError):
+                self._statm = None
+        return self._proc.memory_info().rss if self._proc is not None else 0
 
     def slow(self, with_uss: bool = False) -> Slow:
         s = Slow()
@@ -187,7 +203,7 @@ def _open_nvml(cuda_index: int, limits: list[str]) -> Any:
     except Exception as e:
         limits.append(f"NVML process/device memory: {nvml_failure_reason(e)}")
         return None
-    return pynvml, handle
+    return pynvml, handle, uuid
 
 
 def nvml_uuid(torch_uuid: object) -> str:
@@ -197,7 +213,7 @@ def nvml_uuid(torch_uuid: object) -> str:
 
 
 def _read_nvml(nvml: Any, s: Slow) -> None:
-    pynvml, handle = nvml
+    pynvml, handle = nvml[0], nvml[1]
     try:
         try:
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)

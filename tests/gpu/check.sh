@@ -15,7 +15,9 @@ $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.lo
 gpu_rc=${PIPESTATUS[0]}
 $PY launch.py bench launch --repeats 5 --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_launch.txt"
 # data pipeline on the GPU: MVTec-like 1024 px PNGs (BENCH_DATA=an ImageFolder to reuse one)
+# ../shared does not travel to a device machine: a copy under .cache/bench (git-ignored) does
 MAKE=${MAKE_IMAGEFOLDER:-../shared/bench/make_imagefolder.py}
+[ -f "$MAKE" ] || MAKE=.cache/bench/make_imagefolder.py
 if [ -z "${BENCH_DATA:-}" ] && [ -f "$MAKE" ]; then
   $PY "$MAKE" "$OUT/mvtec" --classes 8 --per-class 12 --size 1024 --imagefolder >/dev/null && BENCH_DATA="$OUT/mvtec/imagefolder"
 fi
@@ -30,6 +32,7 @@ echo "== GPU check summary =="
 printf '%-28s %s\n' "card" "$($PY -c 'import pynvml as n; n.nvmlInit(); h=n.nvmlDeviceGetHandleByIndex(0); print(n.nvmlDeviceGetName(h), "x", n.nvmlDeviceGetCount(), "driver", n.nvmlSystemGetDriverVersion())' 2>&1)"
 printf '%-28s %s\n' "gpu tests" "$(tail -n 1 "$OUT/pytest.log")"
 printf '%-28s %s\n' "bench launch (gloo start-up)" "$(grep 'median ratio' "$OUT/bench_launch.txt" | cut -c1-80)"
-printf '%-28s %s\n' "bench overhead (gloo, CPU)" "$(grep 'per-step overhead' "$OUT/bench_overhead.txt" | cut -c1-100)"
+printf '%-28s %s\n' "bench overhead (gloo, CPU)" "$(grep 'overhead of the engine' "$OUT/bench_overhead.txt" | cut -c1-100)"
+printf '%-28s %s\n' "memory monitor overhead" "$(grep 'overhead of the memory monitor' "$OUT/bench_overhead.txt" | cut -c1-100)"
 printf '%-28s %s\n' "bench data (ratios)" "$(grep -E 'ours_vs_recipe|skipped' "$OUT/bench_data.txt" | tail -n 1)"
 exit "$gpu_rc"

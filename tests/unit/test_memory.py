@@ -207,3 +207,25 @@ def test_run_name_is_the_same_on_every_rank_of_one_launch() -> None:
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "TORCHELASTIC_RUN_ID": "x"}
     assert run_name(cfg, env) == run_name(cfg, dict(env)) != run_name(cfg, {**env, "MASTER_PORT": "29512"})
     assert run_name(load_config(None, ["run.name=mine"]), env) == "mine"
+
+
+def test_nvml_readings_with_hidden_process_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """usedGpuMemory may be None (containers): the device figures still come, the process one stays None."""
+    import importlib.util
+    import os
+
+    from conftest import FAKE_NVML
+
+    from distrib.memory.probe import Slow, _read_nvml
+
+    spec = importlib.util.spec_from_file_location("fake_pynvml", f"{FAKE_NVML}/pynvml.py")
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    handle = fake.nvmlDeviceGetHandleByUUID("GPU-fake-0001")
+    monkeypatch.setenv("FAKE_NVML_PROCS", f"{os.getpid()}:,99999:1048576")
+    s = Slow()
+    _read_nvml((fake, handle, "GPU-fake-0001"), s)
+    assert s.gpu_process is None and s.gpu_device == 2 * 2**20 and s.gpu_total == 80 * 2**30
+    monkeypatch.setenv("FAKE_NVML_PROCS", f"{os.getpid()}:4096")
+    _read_nvml((fake, handle, "GPU-fake-0001"), s)
+    assert s.gpu_process == 4096

@@ -63,3 +63,29 @@ def nvmlDeviceGetMemoryInfo(h):
 
 def nvmlSystemGetDriverVersion():
     return "999.99"
+
+
+# --- what the memory monitor reads (distrib/memory/probe.py)
+nvmlMemory_v2 = 2
+
+
+class _Proc:
+    def __init__(self, pid, used):
+        self.pid, self.usedGpuMemory = pid, used
+
+
+def nvmlDeviceGetHandleByUUID(uuid):
+    n = len(_buses())
+    for h in range(n):
+        if nvmlDeviceGetUUID(h) == uuid:
+            return h
+    raise NVMLError("Not Found")
+
+
+def nvmlDeviceGetComputeRunningProcesses(h):
+    """FAKE_NVML_PROCS='pid:bytes,pid:' (an empty size stands for a container hiding it)."""
+    out = []
+    for item in filter(None, os.environ.get("FAKE_NVML_PROCS", "").split(",")):
+        pid, _, used = item.partition(":")
+        out.append(_Proc(int(pid), int(used) if used else None))
+    return out

@@ -11,14 +11,18 @@ from torch import nn
 leak = os.environ.get("LEAK", "none")
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300
 distributed = "RANK" in os.environ
+cuda = os.environ.get("DEVICE") == "cuda"
+device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
+if cuda:
+    torch.cuda.set_device(device)
 if distributed:
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if cuda else "gloo")
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 100))
+model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 100)).to(device)
 if distributed:
     model = nn.parallel.DistributedDataParallel(model)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
-x, y = torch.randn(64, 64), torch.randint(0, 100, (64,))  # a fixed batch
+x, y = torch.randn(64, 64, device=device), torch.randint(0, 100, (64,), device=device)  # a fixed batch
 history = []
 for step in range(steps):
     out = model(x)
@@ -31,7 +35,7 @@ for step in range(steps):
     elif leak == "numpy":
         history.append(np.ones(4096))  # 32 KiB of host memory outside torch, every step
     elif leak == "once" and step == steps // 2:
-        history.append(torch.ones(2**22))  # one 16 MiB buffer, then flat
+        history.append(torch.ones(2**22, device=device))  # one 16 MiB buffer, then flat
 if distributed:
     dist.destroy_process_group()
 print("done", steps, "steps")
