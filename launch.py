@@ -23,8 +23,12 @@ The same worker code runs however the process was started::
     # SLURM: one task per GPU, ranks from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS
     srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 python launch.py train
 
-Commands: train (default), eval, check, organize, stats, preview, env, config, bench
-(see README.md). ``--gpus`` sets
+    # your own script under the memory monitor (a torchrun drop-in), and the leak check
+    python launch.py run --nproc-per-node 4 --gpus 2,3,4,5 my_train.py --lr 0.1
+    python launch.py memcheck --nproc-per-node 2 -- my_train.py --lr 0.1
+
+Commands: train (default), eval, check, run, memcheck, organize, stats, preview, env,
+config, bench (see README.md). ``--gpus`` sets
 CUDA_DEVICE_ORDER=PCI_BUS_ID and CUDA_VISIBLE_DEVICES *before torch is imported*; that
 is why this module imports torch only inside functions.
 """
