@@ -28,8 +28,8 @@ from distrib.memory.detect import ADVICE, Thresholds, Verdict, classify, steps_t
 from distrib.memory.probe import Fast, Probe
 
 log = logging.getLogger(__name__)
-COLUMNS = ("step", "t", "alloc", "reserved", "peak", "host", "heap", "rss", "workers_rss", "gpu_process",
-           "gpu_device")  # fmt: skip
+COLUMNS = ("step", "t", "alloc", "reserved", "peak", "host", "heap", "rss", "uss", "workers_rss",
+           "gpu_process", "gpu_device")  # fmt: skip
 WINDOW = 2000  # steps judged: the recent ones (a check then costs ~2 ms however long the run)
 Agree = Callable[[bool], bool]  # True when any rank says True (the same answer on every rank)
 NO_GROUP = (
@@ -172,8 +172,8 @@ class Monitor:
         for c, v in (
             ("step", step), ("t", round(time.monotonic() - self.t0, 4)), ("alloc", fast.alloc),
             ("reserved", fast.reserved), ("peak", fast.peak), ("host", fast.host), ("heap", fast.heap),
-            ("rss", fast.rss), ("workers_rss", slow.workers_rss), ("gpu_process", slow.gpu_process),
-            ("gpu_device", slow.gpu_device),
+            ("rss", fast.rss), ("uss", slow.uss), ("workers_rss", slow.workers_rss),
+            ("gpu_process", slow.gpu_process), ("gpu_device", slow.gpu_device),
         ):  # fmt: skip
             r[c].append(v)
         if step % self.settings.check_every == 0:

@@ -79,6 +79,7 @@ class Probe:
     _nvml: Any = None  # (pynvml module, handle, uuid)
     _statm: int | None = None  # an open /proc/self/statm
     gpu_uuid: str = ""  # the NVML UUID this rank's GPU was found by
+    _last_uss: int | None = None
 
     @staticmethod
     def open(device: str, cuda_index: int | None) -> Probe:
@@ -131,11 +132,11 @@ class Probe:
         return self._proc.memory_info().rss if self._proc is not None else 0
 
     def slow(self, with_uss: bool = False) -> Slow:
-        s = Slow()
+        s = Slow(uss=self._last_uss)
         if self._proc is not None:
             s.workers_rss = _children_rss(self._proc)
-            if with_uss:
-                s.uss = _uss(self._proc)
+            if with_uss:  # reads all of smaps: every tenth sample, the last value in between
+                s.uss = self._last_uss = _uss(self._proc)
         if self._nvml is not None:
             _read_nvml(self._nvml, s)
         return s

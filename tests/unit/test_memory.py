@@ -229,3 +229,26 @@ def test_nvml_readings_with_hidden_process_memory(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("FAKE_NVML_PROCS", f"{os.getpid()}:4096")
     _read_nvml((fake, handle, "GPU-fake-0001"), s)
     assert s.gpu_process == 4096
+
+
+def test_snapshot_on_the_cpu_says_why_not_once_and_still_gives_the_verdict(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mon = _monitor(tmp_path, on_leak="snapshot")
+    kept = []
+    for step in range(1, 121):
+        kept.append(torch.ones(16384))
+        mon.on_step(step)
+    f = mon.finish()
+    assert f.verdict.leak and caplog.text.count("snapshot needs CUDA") == 1
+    assert not list(tmp_path.glob("memory_snapshot_*"))
+    assert "uss" in (tmp_path / "memory_rank0.csv").read_text().splitlines()[0]
+
+
+def test_job_pids_include_this_process_and_its_parent() -> None:
+    import os
+
+    from distrib.memory.preflight import job_pids
+
+    pids = job_pids({12345})
+    assert {os.getpid(), os.getppid(), 12345} <= pids
