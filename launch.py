@@ -205,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument(
         "what",
-        choices=["launch", "data", "overhead"],
+        choices=["launch", "data", "overhead", "parallel"],
         help="launch: start-up vs torchrun; data: loader and stats throughput; "
-        "overhead: train step time vs a bare DDP loop",
+        "overhead: train step time vs a bare DDP loop; parallel: single vs dp vs ddp vs fsdp",
     )
     bench.add_argument("--repeats", type=int, help="rounds (launch, data: 5; overhead: 4 epochs)")
     bench.add_argument("--nproc", type=int, default=2, help="launch: processes")
@@ -217,7 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--size", type=int, help="data: the recipe's Resize((S, S)), 1024; overhead: image px, 64"
     )
-    bench.add_argument("--steps", type=int, help="overhead: step pairs per epoch (120)")
+    bench.add_argument(
+        "--steps", type=int, help="overhead: step pairs per epoch (120); parallel: timed steps (50)"
+    )
+    bench.add_argument("--modes", default="single,dp,ddp,fsdp", help="parallel: modes to compare")
+    _flag(bench, "nproc-per-node", type=_positive, help="parallel: processes for ddp/fsdp (GPUs, else 2)")
+    bench.add_argument("--model", default="small_cnn", help="parallel: model.name (BatchNorm-free small_cnn)")
+    _flag(
+        bench, "batch-per-gpu", type=_positive, help="parallel: images per device per step (GPU 32, CPU 16)"
+    )
+    _flag(bench, "image-size", type=_positive, help="parallel: image side in px (GPU 224, CPU 64)")
+    bench.add_argument("--warmup", type=int, default=10, help="parallel: untimed steps first")
+    bench.add_argument(
+        "--amp", choices=["off", "bf16", "fp16"], default="off", help="parallel: precision (CUDA)"
+    )
     return parser
 
 
@@ -395,6 +408,7 @@ BENCH_DEFAULTS = {
     "launch": {"repeats": 5},
     "data": {"repeats": 5, "batch": 8, "size": 1024},
     "overhead": {"repeats": 4, "steps": 120, "batch": 32, "size": 64},
+    "parallel": {"steps": 50},
 }
 
 
@@ -412,6 +426,14 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
         from distrib.bench import data
 
         return data.main(out, args.data, opt["repeats"], args.workers, opt["batch"], opt["size"])
+    if args.what == "parallel":
+        from distrib.bench import parallel
+
+        cpu = parallel.visible_gpus() == 0  # a CPU step at GPU sizes takes seconds: smaller defaults
+        options = {"model": args.model, "batch": args.batch_per_gpu or (16 if cpu else 32),
+                   "image_size": args.image_size or (64 if cpu else 224),
+                   "steps": opt["steps"], "warmup": args.warmup, "amp": args.amp}  # fmt: skip
+        return parallel.main(out, [m for m in args.modes.split(",") if m], args.nproc_per_node, options)
     from distrib.bench import overhead
 
     return overhead.main(out, opt["repeats"], opt["steps"], opt["batch"], opt["size"])

@@ -23,6 +23,8 @@ def resolve_mode(mode: str, ctx: DistContext) -> str:
     """auto -> ddp with several processes, else none; dp only in a single-process world."""
     if mode == "auto":
         return "ddp" if ctx.distributed else "none"
+    if mode == "fsdp" and not ctx.distributed:
+        raise LaunchError("fsdp shards a model over several processes; this job has one")
     if mode == "dp" and ctx.distributed:
         raise LaunchError(
             f"parallel.mode = 'dp' (DataParallel) runs in one process, but this job has "
@@ -55,6 +57,24 @@ def wrap(model: nn.Module, ctx: DistContext, mode: str, sync_bn: bool = False) -
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [torch.device(ctx.device).index] if ctx.is_cuda else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if mode == "fsdp":
+        return shard(model, ctx)
+    return model
+
+
+def shard(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """FSDP2 (``fully_shard``): each top-level child with parameters, then the root, over all ranks.
+
+    Used by ``bench parallel``; ``train`` does not offer it yet (its checkpoints hold plain tensors).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if ctx.is_cuda else "cpu", (ctx.world_size,))
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
