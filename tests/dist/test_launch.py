@@ -419,3 +419,31 @@ def test_bench_overhead_smoke(tmp_path: Path) -> None:
     assert low <= meta["overhead"] <= high and meta["pairs"] == 4 and meta["monitor_pairs"] == 4
     assert meta["monitor_in_step_us"] > 0 and 0 < meta["monitor_overhead_direct"] < 1
     assert "per-step overhead" in res.stdout and "95% CI" in res.stdout
+
+
+def test_bench_parallel_reports_every_mode(tmp_path: Path) -> None:
+    """single and ddp and fsdp run for real on gloo; dp says why not; the losses agree with single."""
+    small = ("--steps", "4", "--warmup", "2", "--image-size", "16", "--batch-per-gpu", "4")
+    sets = ("--set", f"run.out_dir={tmp_path}", "--set", "run.name=p")
+    res = launch("bench", "parallel", "--modes", "single,dp,ddp,fsdp", "--nproc-per-node", "2", *small, *sets,
+                 timeout=170)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "p"
+    data = json.loads((out / "bench.json").read_text())
+    modes = data["modes"]
+    assert set(modes) == {"single", "dp", "ddp", "fsdp"}
+    assert (
+        not modes["dp"]["available"]
+        and "DataParallel" in modes["dp"]["reason"]
+        and "CPU" in modes["dp"]["reason"]
+    )
+    for m in ("single", "ddp", "fsdp"):
+        r = modes[m]
+        assert r["median_step_s"] > 0 and r["images_per_s"] > 0 and r["global_batch"] == 8, m
+        assert r["loss_ok"] and len(r["losses"]) == 5, m  # the first 5 steps, warm-up included
+        assert len(r["peak_mem_per_device_mib"]) == r["devices"] and min(r["peak_mem_per_device_mib"]) > 0
+    assert modes["ddp"]["loss_max_rel_diff"] < 1e-4 and 0 <= modes["ddp"]["comm_share"] < 1
+    assert modes["single"]["vs_hand_loop"] > 0
+    for f in ("bench.csv", "bench.md", "bench.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert "dp: not available here" in res.stdout
