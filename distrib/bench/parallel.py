@@ -252,8 +252,8 @@ def availability(mode: str, gpus: int, nproc: int) -> str | None:
             "not available here: DataParallel replicates a module over CUDA devices inside one process; "
             "on the CPU it is a plain module call, which would only time `single` again"
         )
-    if mode in ("ddp", "fsdp") and nproc < 2:
-        return f"not available with {nproc} process: {mode} needs --nproc-per-node >= 2 (or two GPUs)"
+    if mode in ("ddp", "fsdp") and nproc < 2 and gpus == 0:
+        return f"not available with {nproc} process: {mode} on the CPU needs --nproc-per-node >= 2"
     if mode in ("ddp", "fsdp") and gpus and nproc > gpus:
         return f"cannot run: {nproc} processes but {gpus} GPU(s) visible; {mode} uses one GPU per process"
     return None
@@ -355,7 +355,7 @@ def main(out: Path, modes: list[str], nproc: int | None, options: dict[str, Any]
     if unknown:
         raise LaunchError(f"--modes {','.join(unknown)}: choose from {', '.join(MODES)}")
     gpus = visible_gpus()
-    nproc = nproc or (gpus if gpus > 1 else 2)
+    nproc = nproc or gpus or 2  # one process per GPU (one GPU: every code path, no scaling), else 2 CPU ranks
     rest = {k: options[k] for k in ("model", "image_size", "steps", "warmup", "amp")}
     out.mkdir(parents=True, exist_ok=True)
     specs, reasons = plan_specs(
@@ -435,9 +435,11 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
     tput.set_ylabel("images/s")
     tput.set_title("throughput")
     width = 0.8 / max(max(len(r["peak_mem_per_device_mib"]) for r in rows), 1)
+    labelled: set[int] = set()
     for i, r in enumerate(rows):
         for d, peak in enumerate(r["peak_mem_per_device_mib"]):
-            mem.bar(i + d * width, peak, width, color=f"C{d}", label=f"device {d}" if i == 0 else None)
+            mem.bar(i + d * width, peak, width, color=f"C{d}", label=None if d in labelled else f"device {d}")
+            labelled.add(d)
     mem.set_xticks(
         [i + width * (len(r["peak_mem_per_device_mib"]) - 1) / 2 for i, r in enumerate(rows)], names
     )

@@ -27,6 +27,10 @@ else
   echo "no make_imagefolder.py and no BENCH_DATA: data benchmark skipped" | tee "$OUT/bench_data.txt"
 fi
 $PY launch.py bench overhead --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_overhead.txt"
+# every parallel mode on the GPUs present: one process per GPU for ddp/fsdp; on one GPU each mode
+# still runs its own code path (dp over one device, ddp/fsdp as a one-process group), without scaling
+$PY launch.py bench parallel --modes single,dp,ddp,fsdp --steps 30 --set run.out_dir="$OUT/runs" \
+  --set run.name=parallel 2>&1 | tee "$OUT/bench_parallel.txt"
 echo
 echo "== GPU check summary =="
 printf '%-28s %s\n' "card" "$($PY -c 'import pynvml as n; n.nvmlInit(); h=n.nvmlDeviceGetHandleByIndex(0); print(n.nvmlDeviceGetName(h), "x", n.nvmlDeviceGetCount(), "driver", n.nvmlSystemGetDriverVersion())' 2>&1)"
@@ -34,5 +38,6 @@ printf '%-28s %s\n' "gpu tests" "$(tail -n 1 "$OUT/pytest.log")"
 printf '%-28s %s\n' "bench launch (gloo start-up)" "$(grep 'median ratio' "$OUT/bench_launch.txt" | cut -c1-80)"
 printf '%-28s %s\n' "bench overhead (gloo, CPU)" "$(grep 'overhead of the engine' "$OUT/bench_overhead.txt" | cut -c1-100)"
 printf '%-28s %s\n' "memory monitor overhead" "$(grep 'overhead of the memory monitor' "$OUT/bench_overhead.txt" | cut -c1-100)"
+printf '%-28s\n' "bench parallel (GPU):"; grep -E '^\| (single|dp|ddp|fsdp) ' "$OUT/bench_parallel.txt" | cut -c1-150
 printf '%-28s %s\n' "bench data (ratios)" "$(grep -E 'ours_vs_recipe|skipped' "$OUT/bench_data.txt" | tail -n 1)"
 exit "$gpu_rc"
