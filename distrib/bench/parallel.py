@@ -302,6 +302,8 @@ def summarise_mode(spec: Spec, ranks: list[dict[str, Any]], single: dict[str, An
         r["memory"].get("reserved") or r["memory"].get("heap") or r["memory"].get("rss") or 0 for r in ranks
     ]
     row["peak_mem_per_device_mib"] = [round(p / 2**20, 1) for p in peaks]
+    nvml = [r["memory"].get("gpu_process") for r in ranks]
+    row["peak_nvml_per_device_mib"] = [round(p / 2**20, 1) if p else None for p in nvml]  # None: no NVML
     row["mem_skew"] = max(peaks) / min(peaks) if min(peaks) > 0 else None
     if "seconds_no_sync" in ranks[0]:
         row["comm_share"] = max(0.0, 1 - statistics.median(ranks[0]["seconds_no_sync"]) / step)
