@@ -432,7 +432,8 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
         cpu = parallel.visible_gpus() == 0  # a CPU step at GPU sizes takes seconds: smaller defaults
         options = {"model": args.model, "batch": args.batch_per_gpu or (16 if cpu else 32),
                    "image_size": args.image_size or (64 if cpu else 224),
-                   "steps": opt["steps"], "warmup": args.warmup, "amp": args.amp}  # fmt: skip
+                   "steps": opt["steps"], "warmup": args.warmup, "amp": args.amp,
+                   "config": str(Path(args.config).resolve()) if args.config else ""}  # fmt: skip
         return parallel.main(out, [m for m in args.modes.split(",") if m], args.nproc_per_node, options)
     from distrib.bench import overhead
 

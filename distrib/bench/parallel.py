@@ -54,6 +54,7 @@ class Spec:
     amp: str
     seed: int = 0
     run_dir: str = ""
+    config: str = ""  # a training config whose data to use instead of synthetic batches
 
 
 # --------------------------------------------------------------------------- in the worker
@@ -147,20 +148,74 @@ def engine_for(ctx: Any, spec: Spec, feed_train: Any) -> Any:
     return cfg, assemble(ctx, cfg, feed)
 
 
-def measure(run: Run, recorder: StepRecorder, spec: Spec) -> dict[str, Any]:
-    """The timed epoch (warm-up steps dropped) and, for ddp, the same steps without all-reduce."""
+def epochs(run: Run, recorder: StepRecorder, steps: int) -> None:
+    """Train from step 0 until ``steps`` steps were recorded (real data may need several epochs)."""
     from distrib.engine.state import Progress
     from distrib.engine.train import train_epoch
 
-    train_epoch(run)
+    run.prog = Progress()
+    recorder.seconds, recorder.losses = [], []
+    while len(recorder.seconds) < steps:
+        train_epoch(run)
+        run.prog.epoch += 1
+        run.prog.batch_in_epoch, run.prog.epoch_sums = 0, [0.0, 0.0, 0.0]
+
+
+def measure(run: Run, recorder: StepRecorder, spec: Spec, batches: Any) -> dict[str, Any]:
+    """The timed steps (warm-up dropped) and, for ddp, the same steps without all-reduce."""
+    total = spec.warmup + spec.steps
+    epochs(run, recorder, total)
     out = {"seconds": recorder.seconds[spec.warmup :], "losses": recorder.losses[:LOSS_STEPS]}
+    out["data_wait"] = sum(batches.waits[spec.warmup : total])
     if spec.mode == "ddp":
-        recorder.seconds = []
-        run.prog = Progress()
         with run.eng.model.no_sync():  # the same steps, gradients never averaged: no communication
-            train_epoch(run)
+            epochs(run, recorder, total)
         out["seconds_no_sync"] = recorder.seconds[spec.warmup :]
     return out
+
+
+class TimedLoader:
+    """A training loader whose waits for the next batch are counted (the data-wait share)."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.sampler, self.loader = inner, inner.sampler, inner.loader
+        self.waits: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def epoch(self, epoch: int) -> Iterator[Any]:
+        it = iter(self.inner.epoch(epoch))
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.waits.append(time.perf_counter() - start)
+            yield batch
+
+
+def config_engine(ctx: Any, spec: Spec) -> tuple[Any, Any, TimedLoader]:
+    """The engine on a training config's own data, batches split as the global batch requires."""
+    from datasets.build import build_split
+    from distrib.config import load_config
+    from distrib.engine.step import assemble
+    from distrib.engine.train import build_feed
+
+    mode = "none" if spec.mode == "single" else spec.mode
+    sets = [
+        f"data.batch_size={spec.global_batch // spec.world}",
+        f"train.amp={spec.amp}",
+        f"train.max_steps={spec.warmup + spec.steps}",
+        "train.epochs=1000000",
+    ]
+    cfg = load_config(spec.config, sets)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode=mode))  # fsdp: bench only
+    feed = build_feed(ctx, cfg, build_split(ctx, cfg))
+    timed = TimedLoader(feed.train)
+    feed = dataclasses.replace(feed, train=timed)
+    return cfg, assemble(ctx, cfg, feed), timed
 
 
 class HandLoop(Hook):
@@ -210,17 +265,17 @@ def worker(spec_path: str, out_path: str) -> int:
     spec = Spec(**json.loads(Path(spec_path).read_text()))
     ctx = DistContext.from_env(os.environ, cuda_device_count=_cuda_count())
     with process_group(ctx, 300):
-        batches = GlobalBatches(spec, ctx.rank, ctx.world_size)
-        cfg, eng = engine_for(ctx, spec, batches)
+        if spec.config:
+            cfg, eng, batches = config_engine(ctx, spec)
+        else:
+            batches = GlobalBatches(spec, ctx.rank, ctx.world_size)
+            cfg, eng = engine_for(ctx, spec, batches)
         recorder = StepRecorder(ctx.is_cuda)
         where = Where(ctx.rank, ctx.world_size, ctx.device, cuda_index(ctx), Path(spec.run_dir))
-        monitor = Monitor(
-            where, dataclasses.replace(cfg.memory, interval_s=0.2), agree=lambda mine: mine
-        ).start()
-        hand = HandLoop(ctx, spec, batches, recorder) if spec.mode == "single" else None
+        monitor = Monitor(where, cfg.memory, agree=lambda mine: mine).start()
+        hand = HandLoop(ctx, spec, batches, recorder) if spec.mode == "single" and not spec.config else None
         run = Run(ctx, cfg, eng, hooks=[recorder, MemoryHook(monitor), *([hand] if hand else [])])
-        result = measure(run, recorder, spec)
-        result["data_wait"] = sum(batches.waits[spec.warmup :])
+        result = measure(run, recorder, spec, batches)
         if hand is not None:
             result["hand_seconds"] = hand.seconds[spec.warmup :]
         monitor.finish()
@@ -358,7 +413,7 @@ def main(out: Path, modes: list[str], nproc: int | None, options: dict[str, Any]
         raise LaunchError(f"--modes {','.join(unknown)}: choose from {', '.join(MODES)}")
     gpus = visible_gpus()
     nproc = nproc or gpus or 2  # one process per GPU (one GPU: every code path, no scaling), else 2 CPU ranks
-    rest = {k: options[k] for k in ("model", "image_size", "steps", "warmup", "amp")}
+    rest = {k: options[k] for k in ("model", "image_size", "steps", "warmup", "amp", "config")}
     out.mkdir(parents=True, exist_ok=True)
     specs, reasons = plan_specs(
         modes, gpus, nproc, {"batch": options["batch"], "rest": rest | {"run_dir": ""}}

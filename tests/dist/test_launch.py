@@ -447,3 +447,20 @@ def test_bench_parallel_reports_every_mode(tmp_path: Path) -> None:
     for f in ("bench.csv", "bench.md", "bench.png"):
         assert (out / f).stat().st_size > 0, f
     assert "dp: not available here" in res.stdout
+
+
+def test_bench_parallel_on_a_configs_own_data(demo: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[data]\ncsv = "{demo / "src" / "labels.csv"}"\nimages = "{demo / "src" / "images"}"\n'
+        f'cache_dir = "{demo / "cache"}"\nstats_cache = "{demo / "stats"}"\nnum_workers = 0\n'
+        "[model]\nwidth = 8\nbatchnorm = false\n"
+    )
+    small = ("--steps", "3", "--warmup", "1", "--batch-per-gpu", "4")
+    sets = ("--set", f"run.out_dir={tmp_path}", "--set", "run.name=p")
+    res = launch("bench", "parallel", "--config", str(cfg), "--modes", "single,ddp", "--nproc-per-node", "2",
+                 *small, *sets, timeout=170)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    modes = json.loads((tmp_path / "p" / "bench.json").read_text())["modes"]
+    assert modes["ddp"]["loss_ok"] and modes["ddp"]["loss_max_rel_diff"] < 1e-4  # the same global batches
+    assert modes["single"]["data_wait_share"] > 0 and "vs_hand_loop" not in modes["single"]
