@@ -11,6 +11,7 @@ when there is a single process, so one code path serves 1 and N ranks.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
@@ -88,13 +89,24 @@ def destroy_process_group() -> None:
 
 @contextlib.contextmanager
 def process_group(ctx: DistContext, timeout_s: float) -> Iterator[bool]:
-    """``with process_group(ctx, t):`` init + barrier on entry, destroy on every exit path."""
+    """``with process_group(ctx, t):`` init + barrier on entry, destroy on every exit path.
+
+    On a clean exit, objects that hold the group (DDP reducers, FSDP hooks) are collected and
+    every rank meets at a barrier before the group goes: destroying it under a peer's
+    in-flight work aborts a rank now and then on gloo ("terminate called without an active
+    exception"). After an error the group is destroyed at once (a barrier could hang).
+    """
     created = init_process_group(ctx, timeout_s)
     try:
         yield created
-    finally:
+    except BaseException:
         if created:
             destroy_process_group()
+        raise
+    if created:
+        gc.collect()
+        barrier(ctx)
+        destroy_process_group()
 
 
 # --------------------------------------------------------------------------- collectives
