@@ -121,6 +121,7 @@ class Sampler(threading.Thread):
         self.slow = probe.slow(with_uss=True)
         self.peak_rss = 0
         self.times: list[tuple[float, Fast]] = []  # for scripts without an optimizer step
+        self.record_times = True  # until the first step: then the step rows are the series
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -130,7 +131,8 @@ class Sampler(threading.Thread):
             self.slow = self.probe.slow(with_uss=n % 10 == 0)
             fast = self.probe.fast()
             self.peak_rss = max(self.peak_rss, fast.rss)
-            self.times.append((time.monotonic(), fast))
+            if self.record_times:
+                self.times.append((time.monotonic(), fast))
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -154,6 +156,7 @@ class Monitor:
         self.finding: Finding | None = None
         self.announced = False
         self.snapshotting = False
+        self.unit = "step"  # what a row stands for: an optimizer step, or a background sample
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,6 +171,8 @@ class Monitor:
     def on_step(self, step: int) -> None:
         """Record one row; every ``check_every`` steps judge, and act on a final verdict."""
         assert self.probe is not None and self.sampler is not None
+        if self.sampler.record_times:
+            self.sampler.record_times, self.sampler.times = False, []
         fast, slow, r = self.probe.fast(), self.sampler.slow, self.rows
         for c, v in (
             ("step", step), ("t", round(time.monotonic() - self.t0, 4)), ("alloc", fast.alloc),
@@ -183,12 +188,28 @@ class Monitor:
         """Stop sampling, judge the whole run, write memory_rank<N>.csv and .json."""
         if self.sampler is not None:
             self.sampler.stop()
+            if not self.rows["step"]:
+                self._rows_from_samples()
         steps = self.rows["step"][-1] if self.rows["step"] else 0
         if self.finding is None:
             self._judge_final(steps)
         assert self.finding is not None
         self._write()
         return self.finding
+
+    def _rows_from_samples(self) -> None:
+        """No optimizer step was seen (a script without one): judge the background samples instead."""
+        assert self.sampler is not None
+        self.unit = f"sample ({self.settings.interval_s:g} s)"
+        slow = self.sampler.slow  # the last slow reading stands for every sample
+        for i, (t, fast) in enumerate(self.sampler.times, start=1):
+            row = {"step": i, "t": round(t - self.t0, 4), **asdict(fast), **asdict(slow)}
+            for c in COLUMNS:
+                self.rows[c].append(row.get(c))
+        if self.rows["step"]:
+            log.info(
+                "memory: no optimizer step was seen; judging %d background samples", len(self.rows["step"])
+            )
 
     # ------------------------------------------------------------------ judging
 
@@ -292,7 +313,8 @@ class Monitor:
             "verdict": asdict(f.verdict) | {"text": f.verdict.text},
             "groups": f.groups,
             "steps_to_oom": f.steps_to_oom,
-            "message": f.line(self.where.rank, self.where.device),
+            "message": f.line(self.where.rank, self.where.device).replace("/step", f"/{self.unit}"),
+            "unit": self.unit,
         }
 
 

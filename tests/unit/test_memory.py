@@ -252,3 +252,17 @@ def test_job_pids_include_this_process_and_its_parent() -> None:
 
     pids = job_pids({12345})
     assert {os.getpid(), os.getppid(), 12345} <= pids
+
+
+def test_without_optimizer_steps_the_background_samples_are_judged(tmp_path: Path) -> None:
+    import time
+
+    mon = _monitor(tmp_path)  # samples every 0.05 s
+    kept = []
+    for _ in range(300):
+        kept.append(torch.ones(32768))  # 128 KiB every 10 ms, no optimizer in sight
+        time.sleep(0.01)
+    f = mon.finish()
+    report = json.loads((tmp_path / "memory_rank0.json").read_text())
+    assert report["unit"].startswith("sample") and report["steps"] >= 20
+    assert f.verdict.leak and "/sample" in report["message"]
