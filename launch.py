@@ -317,18 +317,16 @@ def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inv
 def worker_argv(args: argparse.Namespace, argv: list[str], cfg: Config) -> list[str]:
     """The spawned workers' command line: ours without launcher flags, then the script's untouched.
 
-    A user's script gets its run directory's name from here, so every rank (and a restart)
-    writes to the same one without needing a process group to agree.
+    The run directory's name is fixed here, so every rank and every restart of the elastic
+    agent writes to the same one (a restarted ``train`` resumes from its checkpoints).
     """
     target = getattr(args, "target", None)
-    if target is None:
-        return strip_launcher_flags(argv)
-    from distrib.memory.host import run_name
+    ours = strip_launcher_flags(argv if target is None else args.ours)
+    if not cfg.run.name:  # fixed here, so every rank and every restart writes to the same directory
+        from distrib.worker import run_dir_name
 
-    ours = strip_launcher_flags(args.ours)
-    if not cfg.run.name:
-        ours += ["--set", f"run.name={run_name(cfg, {})}"]
-    return ours + target_argv(target)
+        ours += ["--set", f"run.name={run_dir_name(cfg, args.command)}"]
+    return ours if target is None else ours + target_argv(target)
 
 
 def target_argv(target: Target) -> list[str]:

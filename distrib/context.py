@@ -34,6 +34,7 @@ class DistContext:
     backend: str = "gloo"  # nccl | gloo
     device: str = "cpu"  # "cpu" or "cuda:<local_rank>"
     launcher: str = "single"  # torchrun | slurm | single
+    restart: int = 0  # the elastic agent's restart round (TORCHELASTIC_RESTART_COUNT); 0 = first start
 
     @property
     def is_main(self) -> bool:
@@ -114,6 +115,7 @@ def _from_torchrun(env: Mapping[str, str]) -> dict[str, object]:
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_int(env, "MASTER_PORT", 0),
         launcher="torchrun",
+        restart=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
     )
 
 

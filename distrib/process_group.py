@@ -27,9 +27,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _init_method(ctx: DistContext) -> str:
-    host = f"[{ctx.master_addr}]" if ":" in ctx.master_addr else ctx.master_addr
-    return f"tcp://{host}:{ctx.master_port}"
+def _store(ctx: DistContext, timeout_s: float) -> Any:
+    """The rendezvous store, with keys prefixed by the elastic agent's restart round.
+
+    Under torchrun the workers share the agent's store, and it outlives a restart: without a
+    prefix of their own, a restarted round reads the dead round's addresses and cannot form
+    its group ("Gloo connectFullMesh failed ... Connection refused").
+    """
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(
+        ctx.master_addr, ctx.master_port, ctx.rank, ctx.world_size, timedelta(seconds=timeout_s)
+    )
+    return dist.PrefixStore(f"launch/round_{ctx.restart}", store)
 
 
 def bind_device(ctx: DistContext) -> None:
@@ -55,7 +65,7 @@ def init_process_group(ctx: DistContext, timeout_s: float) -> bool:
     try:
         dist.init_process_group(
             backend=ctx.backend,
-            init_method=_init_method(ctx),
+            store=_store(ctx, timeout_s),
             rank=ctx.rank,
             world_size=ctx.world_size,
             timeout=timedelta(seconds=timeout_s),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,13 +89,23 @@ def torchrun_argv(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> l
         argv += ["--master-addr", plan.master_addr or "127.0.0.1"]
         argv += ["--master-port", str(plan.master_port)]
     elif max_nodes(plan.nnodes) == 1:
-        argv += ["--standalone"]  # c10d store on localhost, OS-chosen port
+        # what --standalone does, but on a port we choose: with --standalone's localhost:0 a
+        # restarted round reads the dead round's addresses and cannot form its group
+        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+        argv += ["--rdzv-id", plan.rdzv_id if plan.rdzv_id != "none" else uuid.uuid4().hex]
     else:
         raise LaunchError(
             f"--nnodes {plan.nnodes} needs a meeting point: --rdzv-endpoint HOST:PORT (c10d, "
             "same on every node) or --master-addr HOST --master-port PORT with --node-rank."
         )
     return [*argv, script, *script_args]
+
+
+def free_port() -> int:
+    """A loopback port the OS considers free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def check_port_free(port: int) -> None:

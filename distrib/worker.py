@@ -8,10 +8,15 @@ job, and always tear the group down.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import dataclasses
 import logging
 import os
 import secrets
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,14 +130,47 @@ def script_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
     return path
 
 
+def after_restart(ctx: DistContext, cfg: Config, command: str) -> Config:
+    """A worker the elastic agent restarted continues the run: ``train`` resumes from the newest
+    valid checkpoint of the same run directory (the launcher fixed its name before spawning)."""
+    if ctx.restart == 0 or command != "train" or cfg.checkpoint.resume:
+        return cfg
+    log.warning(
+        "restart %d: resuming from the newest valid checkpoint (checkpoint.resume = auto)", ctx.restart
+    )
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_agent(ctx: DistContext) -> None:
+    """A rank started by an elastic agent (ours or torchrun) gets SIGTERM when the agent dies.
+
+    Without it a SIGKILLed launcher leaves its ranks (each in a session of its own) training
+    on with nobody watching. Linux only; elsewhere nothing changes.
+    """
+    if ctx.launcher != "torchrun" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the agent died before the call: nobody would ever stop us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job, own_group: bool = True) -> int:
     """Run ``job`` as this process's rank; returns the exit status.
 
     ``own_group=False``: the job is a user's script that makes its own process group.
     """
     ctx = build_context(cfg, plan)
+    die_with_agent(ctx)
     check_log_ranks(cfg.launch.log_ranks, ctx.world_size)
     setup_logging(ctx.rank, cfg.launch.log_ranks)
+    cfg = after_restart(ctx, cfg, command)
     log.info(
         "%s: rank %d/%d (local %d/%d, node %d) on %s, backend %s",
         ctx.launcher,

@@ -90,6 +90,21 @@ class StepLog(Hook):
             wr.writerow([prog.global_step, prog.epoch, f"{loss:.8f}", f"{lr:.8g}", f"{rate:.1f}"])
 
 
+def trim_steps(path: Path, last_step: int) -> int:
+    """Drop steps.csv rows after ``last_step`` (logged before a stop, redone after the resume)."""
+    if not path.exists():
+        return 0
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= last_step]
+    if len(keep) < len(rows):
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as fh:
+            csv.writer(fh).writerows(keep)
+        tmp.replace(path)
+    return len(rows) - len(keep)
+
+
 @torch.no_grad()
 def evaluate(ctx: DistContext, eng: Engine) -> dict[str, Any]:
     """Exact validation: sums over unpadded shards, reduced across ranks (None: no val set)."""

@@ -97,6 +97,8 @@ class Run:
 def checkpoint_state(run: Run) -> dict[str, Any] | None:
     """Collect every rank's RNG state; returns the checkpoint dict on rank 0 (None elsewhere)."""
     rngs = gather_objects(run.ctx, ck.rng_state())
+    # each rank's running sums of the epoch in progress (progress itself is rank 0's)
+    sums = gather_objects(run.ctx, list(run.prog.epoch_sums))
     if not run.ctx.is_main:
         return None
     eng = run.eng
@@ -109,6 +111,7 @@ def checkpoint_state(run: Run) -> dict[str, Any] | None:
         "scaler": eng.scaler.state_dict() if eng.scaler else None,
         "progress": asdict(run.prog),
         "rng": rngs,
+        "epoch_sums": sums,
         "world_size": run.ctx.world_size,
         "mean": list(eng.feed.mean),
         "std": list(eng.feed.std),
@@ -172,7 +175,9 @@ def resume(run: Run, path: Path) -> None:
     if eng.scaler and state.get("scaler"):
         eng.scaler.load_state_dict(state["scaler"])
     run.prog = Progress(**state["progress"])
-    rngs = state["rng"]
+    rngs, sums = state["rng"], state.get("epoch_sums")
+    if sums and len(sums) == ctx.world_size:
+        run.prog.epoch_sums = list(sums[ctx.rank])  # this rank's share of the epoch so far
     if len(rngs) == ctx.world_size:
         ck.set_rng_state(rngs[ctx.rank])
     else:

@@ -31,7 +31,7 @@ from datasets.transforms import eval_transform, train_transform
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
-from distrib.engine.metrics import StepLog, end_of_epoch, finish, write_metrics
+from distrib.engine.metrics import StepLog, end_of_epoch, finish, trim_steps, write_metrics
 from distrib.engine.state import EpochSums, Hook, Run, preflight, resume, resume_path, save
 from distrib.engine.step import (
     Feed,
@@ -153,6 +153,8 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     seed_process(derive_seed(cfg.run.seed, STEPS, ctx.rank))  # dropout etc.; a resume restores it
     if path:
         resume(run, path)
+        if ctx.is_main:
+            trim_steps(run_dir / "steps.csv", run.prog.global_step)
     if ctx.is_main:
         write_class_map(feed.classes, run_dir / "classes.json")
         if not path:
