@@ -39,6 +39,7 @@ import argparse
 import difflib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,6 +58,7 @@ from distrib.devices import (
 )
 from distrib.errors import LaunchError
 from distrib.logs import check_log_ranks, setup_logging
+from distrib.signals import Stopped
 from distrib.spawn import SpawnPlan, spawn, strip_launcher_flags
 
 if TYPE_CHECKING:
@@ -505,6 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LaunchError as e:
         log.error("%s", e)
         return 2
+    except Stopped as e:  # SIGTERM/SIGINT: the run stopped at a step boundary, its checkpoint written
+        log.warning("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training (eval, stats, organize...): one line, not a traceback
+        log.warning("interrupted (SIGINT)")
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -143,6 +143,13 @@ def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks; returns ``tensor``."""
+    if _active(ctx):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_reduce_mean(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     """In-place mean over ranks (sum then divide: gloo has no AVG)."""
     if _active(ctx):

@@ -153,10 +153,14 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
     argv = torchrun_argv(plan, script, script_args)
     log.info("starting %d worker(s) per node: torchrun %s", plan.nproc_per_node, " ".join(argv))
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         torchrun.run(torchrun.parse_args(argv))
+    except SignalException as e:  # the agent forwarded it; the ranks stop at a step boundary first
+        log.warning("stopped on %s: the workers were asked to stop (train checkpoints first)", e.sigval.name)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         log.error("%s", describe_failure(rank, failure))

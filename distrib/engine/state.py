@@ -22,6 +22,7 @@ from distrib.engine import checkpoint as ck
 from distrib.engine.step import Engine
 from distrib.errors import LaunchError
 from distrib.process_group import barrier, broadcast_object, gather_objects
+from distrib.signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Run:
     run_dir: Path | None = None
     sums: EpochSums | None = None  # the epoch in progress
     skipped: list[str] = field(default_factory=list)  # undecodable images (data.on_bad_image = skip)
+    stop: StopRequest | None = None  # SIGTERM/SIGINT seen: stop at the next step boundary
 
     @property
     def classes(self) -> tuple[str, ...]:

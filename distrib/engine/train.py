@@ -28,6 +28,7 @@ from datasets.folder import write_class_map
 from datasets.loader import LoaderSpec, build_loader
 from datasets.preview import write_preview
 from datasets.transforms import eval_transform, train_transform
+from distrib import signals
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
@@ -44,8 +45,9 @@ from distrib.engine.step import (
 from distrib.memory.monitor import Monitor, Where
 from distrib.memory.preflight import cuda_index, preflight_gpu
 from distrib.memory.report import combine, verdict_table
-from distrib.process_group import all_reduce_sum, gather_objects
+from distrib.process_group import all_reduce_max, all_reduce_sum, gather_objects
 from distrib.seeding import STEPS, derive_seed, seed_process
+from distrib.signals import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +95,14 @@ def train_epoch(run: Run) -> bool:
         prog.global_step += 1
         for hook in run.hooks:
             hook.after_step(run)
-        if _save_due(run):
+        stopping = stop_agreed(run)
+        if stopping or _save_due(run):
             prog.epoch_sums = sums.as_list()
             prog.epoch_seconds += time.perf_counter() - start
             start = time.perf_counter()
             save(run, best=False)
+        if stopping:
+            raise_stopped(run)
         if cfg.train.max_steps and prog.global_step >= cfg.train.max_steps:
             break
     prog.epoch_seconds += time.perf_counter() - start
@@ -112,6 +117,30 @@ def _save_due(run: Run) -> bool:
         bool(every)
         and run.prog.global_step % every == 0
         and run.prog.batch_in_epoch < run.eng.batches_per_epoch
+    )
+
+
+def stop_agreed(run: Run) -> bool:
+    """Did any rank get SIGTERM/SIGINT? One 1-element all-reduce per step, so all stop at the same step."""
+    if run.stop is None:
+        return False
+    if not run.ctx.distributed:
+        return run.stop.requested
+    flag = torch.tensor([float(run.stop.signum)], device=run.ctx.device)
+    signum = int(all_reduce_max(run.ctx, flag).item())
+    if signum and not run.stop.requested:
+        run.stop.signum = signum  # another rank's signal: exit as it does
+    return bool(signum)
+
+
+def raise_stopped(run: Run) -> None:
+    assert run.stop is not None
+    p = run.prog
+    where = f"epoch {p.epoch + 1} step {p.global_step}"
+    folder = run.ckpts.folder if run.ckpts else "nowhere (no checkpoints)"
+    raise Stopped(
+        run.stop,
+        f"stopped on {run.stop.name} at {where}; checkpoint written to {folder}; continue with --resume auto",
     )
 
 
@@ -143,11 +172,12 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
 
 def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     """``launch.py train``: the whole run, rank 0 writing the run directory."""
+    stop = signals.install()  # from here on SIGTERM/SIGINT stop the run at a step boundary
     set_determinism(cfg)
     split = build_split(ctx, cfg)
     feed = build_feed(ctx, cfg, split)
     mgr = ck.CheckpointManager(cfg.checkpoint.folder(run_dir), cfg.checkpoint.keep_last)
-    run = Run(ctx, cfg, assemble(ctx, cfg, feed), ckpts=mgr, run_dir=run_dir)
+    run = Run(ctx, cfg, assemble(ctx, cfg, feed), ckpts=mgr, run_dir=run_dir, stop=stop)
     preflight(ctx, mgr)
     path = resume_path(ctx, cfg, mgr.folder)
     seed_process(derive_seed(cfg.run.seed, STEPS, ctx.rank))  # dropout etc.; a resume restores it
@@ -171,6 +201,8 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     run.hooks.append(StepLog(run_dir, cfg.train.log_every, total_steps(cfg, run.eng.batches_per_epoch)))
     monitor = start_monitor(run) if cfg.memory.enabled else None
     try:
+        if stop_agreed(run):  # asked to stop while setting up: nothing trained, nothing to save
+            raise Stopped(stop, f"stopped on {stop.name} before the first step; nothing was trained")
         run_epochs(run)
     finally:
         memory = finish_monitor(run, monitor)

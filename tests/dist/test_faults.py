@@ -122,3 +122,94 @@ def test_a_killed_launcher_leaves_no_rank_training(demo: Path, tmp_path: Path) -
         p.kill()
     assert gone == [], f"ranks still running after the launcher died: {gone}"
     finish(proc, 5)
+
+
+def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def stop_and_check(proc: subprocess.Popen, sig: int, run_dir: Path, ranks: int) -> str:
+    """Send ``sig`` once training runs; the job stops, checkpointed, one line per rank, nothing left."""
+    deadline = time.monotonic() + 120
+    while steps_logged(run_dir) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    tree = descendants(proc)
+    start = time.monotonic()
+    os.kill(proc.pid, sig)
+    out = finish(proc, 60)
+    took = time.monotonic() - start
+    left = psutil.wait_procs(tree, timeout=10)[1]
+    for p in left:
+        p.kill()
+    assert left == [], f"processes left after the stop: {left}"
+    name = signal.Signals(sig).name
+    assert out.count(f"stopped on {name} at epoch") == ranks, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert took < 30, took
+    return out
+
+
+def test_sigterm_to_our_launcher_stops_every_rank_with_a_checkpoint_and_resume_is_exact(
+    demo: Path, reference: Path, tmp_path: Path
+) -> None:
+    args = [sys.executable, LAUNCH, "train", "--nproc-per-node", "2", *tiny(demo, tmp_path, "s", *SETS)]
+    proc = start(args)
+    stop_and_check(proc, signal.SIGTERM, tmp_path / "s", ranks=2)
+    assert proc.returncode == 143
+    again = launch(*args[2:], "--resume", "auto", timeout=200)
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr[-3000:]
+    same_run(reference, tmp_path / "s")
+
+
+def test_sigint_to_a_single_process_stops_at_a_step_and_resumes(demo: Path, tmp_path: Path) -> None:
+    args = [sys.executable, LAUNCH, "train", *tiny(demo, tmp_path, "i", *SETS)]
+    proc = start(args)
+    stop_and_check(proc, signal.SIGINT, tmp_path / "i", ranks=1)
+    assert proc.returncode == 130
+    assert any((tmp_path / "i" / "checkpoints").glob("ckpt-*.pt"))
+    again = launch(*args[2:], "--resume", "auto", timeout=200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [r["step"] for r in csv.DictReader((tmp_path / "i" / "steps.csv").open())]
+    assert len(steps) == len(set(steps)) and int(steps[-1]) == 66  # 6 epochs x 11 steps, no row twice
+
+
+def test_sigterm_to_torchruns_agent_stops_the_ranks_at_a_step(demo: Path, tmp_path: Path) -> None:
+    proc = start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", LAUNCH, "train",
+                  *tiny(demo, tmp_path, "a", *SETS)])  # fmt: skip
+    deadline = time.monotonic() + 120
+    while steps_logged(tmp_path / "a") < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    tree = descendants(proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = finish(proc, 60)
+    assert psutil.wait_procs(tree, timeout=10)[1] == []
+    assert out.count("stopped on SIGTERM at epoch") == 2, out[-3000:]  # torchrun's own lines aside
+
+
+def test_a_second_signal_ends_the_process_at_once() -> None:
+    code = (
+        "import os, signal, time\nfrom distrib.signals import install\nr = install()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\nassert r.requested\nos.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n"
+    )
+    start_t = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), timeout=20)
+    assert res.returncode == 128 + signal.SIGINT and time.monotonic() - start_t < 10
+
+
+def test_ctrl_c_stops_the_whole_job_dataloader_workers_included(demo: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the launcher's whole process group."""
+    proc = start([sys.executable, LAUNCH, "train", "--nproc-per-node", "2",
+                  *tiny(demo, tmp_path, "c", *SETS, "data.num_workers=2")])  # fmt: skip
+    deadline = time.monotonic() + 120
+    while steps_logged(tmp_path / "c") < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    tree = descendants(proc)
+    assert len(tree) >= 2 + 2 * 2, tree  # two ranks, each with two DataLoader workers
+    os.killpg(proc.pid, signal.SIGINT)
+    out = finish(proc, 60)
+    left = psutil.wait_procs(tree, timeout=10)[1]
+    for p in left:
+        p.kill()
+    assert left == [] and proc.returncode == 130, (left, out[-3000:])
+    assert out.count("stopped on SIGINT at epoch") == 2 and "Traceback" not in out, out[-3000:]

@@ -68,7 +68,10 @@ def test_strip_launcher_flags_keeps_the_rest() -> None:
 
 def test_torchrun_argv_standalone_static_and_c10d() -> None:
     single = torchrun_argv(SpawnPlan(2), "s.py", ["train"])
-    assert "--standalone" in single and single[-2:] == ["s.py", "train"]
+    # --standalone's job with a rendezvous port of our own (a restarted round needs one that lasts)
+    assert single[single.index("--rdzv-backend") + 1] == "c10d" and single[-2:] == ["s.py", "train"]
+    host, port = single[single.index("--rdzv-endpoint") + 1].split(":")
+    assert host == "127.0.0.1" and 0 < int(port) < 65536 and "--standalone" not in single
     assert single[single.index("--max-restarts") + 1] == "0"  # not LaunchConfig's 3
     static = torchrun_argv(SpawnPlan(2, master_port=1234, node_rank=1), "s.py", [])
     assert static[static.index("--rdzv-backend") + 1] == "static"
