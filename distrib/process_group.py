@@ -25,6 +25,7 @@ from distrib.errors import LaunchError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_STORE: Any = None  # the rendezvous store of the group this process joined (read by the hang diagnosis)
 
 
 def _store(ctx: DistContext, timeout_s: float) -> Any:
@@ -59,13 +60,15 @@ def init_process_group(ctx: DistContext, timeout_s: float) -> bool:
     """
     if not ctx.distributed:
         return False
+    global _STORE
     kwargs: dict[str, Any] = {}
     if ctx.backend == "nccl":
         kwargs["device_id"] = torch.device(ctx.device)  # eager init, no device guessing
     try:
+        _STORE = _store(ctx, timeout_s)
         dist.init_process_group(
             backend=ctx.backend,
-            store=_store(ctx, timeout_s),
+            store=_STORE,
             rank=ctx.rank,
             world_size=ctx.world_size,
             timeout=timedelta(seconds=timeout_s),
@@ -91,8 +94,15 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def rendezvous_store() -> Any:
+    """The store the current group was formed on (None before ``init_process_group`` or after destroy)."""
+    return _STORE
+
+
 def destroy_process_group() -> None:
     """Tear down the default group if one exists (safe to call more than once)."""
+    global _STORE
+    _STORE = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -136,6 +136,7 @@ def evaluate(ctx: DistContext, eng: Engine) -> dict[str, Any]:
 def end_of_epoch(run: Run) -> dict[str, Any]:
     """Reduce the epoch's training sums, validate, append the two metrics rows, log the line."""
     ctx, prog = run.ctx, run.prog
+    run.watch.at(f"the end of epoch {prog.epoch + 1} (metric all-reduces, exact validation)")
     sums = all_reduce_sum(ctx, torch.tensor(prog.epoch_sums, dtype=torch.float64, device=ctx.device))
     loss_n, correct, n = sums.tolist()
     seconds = torch.tensor([prog.epoch_seconds], dtype=torch.float64)

@@ -21,6 +21,7 @@ from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
 from distrib.engine.step import Engine
 from distrib.errors import LaunchError
+from distrib.hang import Watch
 from distrib.process_group import barrier, broadcast_object, gather_objects
 from distrib.signals import StopRequest
 
@@ -87,6 +88,7 @@ class Run:
     sums: EpochSums | None = None  # the epoch in progress
     skipped: list[str] = field(default_factory=list)  # undecodable images (data.on_bad_image = skip)
     stop: StopRequest | None = None  # SIGTERM/SIGINT seen: stop at the next step boundary
+    watch: Watch = field(default_factory=Watch)  # the step and operation in progress (hang diagnosis)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -125,6 +127,7 @@ def save(run: Run, best: bool) -> None:
     """Rank 0 writes a checkpoint of the run as it is now; every rank waits for it."""
     if run.ckpts is None:
         return
+    run.watch.at("saving a checkpoint (gathering RNG states, then a barrier)")
     state = checkpoint_state(run)
     if state is not None:
         path = run.ckpts.save(state, run.prog.global_step, best)

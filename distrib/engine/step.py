@@ -26,6 +26,7 @@ from distrib.context import DistContext
 from distrib.engine.models import build_model
 from distrib.engine.parallel import resolve_mode, unwrap, wrap
 from distrib.errors import LaunchError
+from distrib.hang import Watch
 from distrib.seeding import INIT, derive_seed, seed_process
 
 log = logging.getLogger(__name__)
@@ -170,16 +171,22 @@ def _no_sync(eng: Engine, sync: bool) -> contextlib.AbstractContextManager:
 
 
 def forward_backward(
-    ctx: DistContext, cfg: Config, eng: Engine, batch: Any, sync: bool
+    ctx: DistContext, cfg: Config, eng: Engine, batch: Any, sync: bool, watch: Watch | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One micro-batch: (detached loss, number of correct predictions, batch size)."""
+    """One micro-batch: (detached loss, number of correct predictions, batch size).
+
+    ``watch`` (the hang diagnosis's) learns whether the rank is in the forward or the backward pass.
+    """
+    watch = watch or Watch()
     try:
         b = batch.to(ctx.device)
         x = eng.normalizer(b.images)
+        watch.at("the forward pass")
         with _no_sync(eng, sync), autocast(eng):
             logits = eng.model(x)
             loss = eng.criterion(logits.float(), b.targets)
         scaled = loss / cfg.train.accum_steps if cfg.train.accum_steps > 1 else loss
+        watch.at(f"the backward pass ({eng.mode}: the gradient all-reduce)" if sync else "the backward pass")
         (eng.scaler.scale(scaled) if eng.scaler else scaled).backward()
     except torch.OutOfMemoryError as e:
         raise LaunchError(oom_message(ctx, cfg, tuple(batch.images.shape))) from e

@@ -28,7 +28,7 @@ from datasets.folder import write_class_map
 from datasets.loader import LoaderSpec, build_loader
 from datasets.preview import write_preview
 from datasets.transforms import eval_transform, train_transform
-from distrib import signals
+from distrib import hang, signals
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
@@ -45,7 +45,7 @@ from distrib.engine.step import (
 from distrib.memory.monitor import Monitor, Where
 from distrib.memory.preflight import cuda_index, preflight_gpu
 from distrib.memory.report import combine, verdict_table
-from distrib.process_group import all_reduce_max, all_reduce_sum, gather_objects
+from distrib.process_group import all_reduce_max, all_reduce_sum, gather_objects, rendezvous_store
 from distrib.seeding import STEPS, derive_seed, seed_process
 from distrib.signals import Stopped
 
@@ -67,10 +67,12 @@ def micro_batches(run: Run) -> Iterator[tuple[bool, Any]]:
     prog, train, accum = run.prog, run.eng.feed.train, run.cfg.train.accum_steps
     if prog.batch_in_epoch:
         train.sampler.skip_once(prog.batch_in_epoch * train.loader.batch_size)
+    run.watch.at("loading a batch")
     for batch in train.epoch(prog.epoch):
         run.skipped.extend(s.path for s in batch.skipped)
         i = prog.batch_in_epoch
         yield (i + 1) % accum == 0 or i + 1 == run.eng.batches_per_epoch, batch
+        run.watch.at("loading a batch")
 
 
 def train_epoch(run: Run) -> bool:
@@ -84,17 +86,21 @@ def train_epoch(run: Run) -> bool:
     for sync, batch in micro_batches(run):
         if len(batch) == 0:
             continue
-        loss, hits, n = forward_backward(ctx, cfg, eng, batch, sync)
+        run.watch.step = prog.global_step + 1
+        loss, hits, n = forward_backward(ctx, cfg, eng, batch, sync, run.watch)
         sums.loss.add_(loss, alpha=n)
         sums.hits.add_(hits)
         sums.count += n
         prog.batch_in_epoch += 1
         if not sync:
             continue
+        run.watch.at("the optimizer step")
         optimizer_step(ctx, cfg, eng, (prog.epoch, prog.global_step), sums.loss)
         prog.global_step += 1
+        run.watch.at("the step's hooks (logging, memory monitor)")
         for hook in run.hooks:
             hook.after_step(run)
+        run.watch.at("the stop-flag all-reduce")
         stopping = stop_agreed(run)
         if stopping or _save_due(run):
             prog.epoch_sums = sums.as_list()
@@ -200,14 +206,32 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     )
     run.hooks.append(StepLog(run_dir, cfg.train.log_every, total_steps(cfg, run.eng.batches_per_epoch)))
     monitor = start_monitor(run) if cfg.memory.enabled else None
+    watchdog = start_watchdog(run)
     try:
         if stop_agreed(run):  # asked to stop while setting up: nothing trained, nothing to save
             raise Stopped(stop, f"stopped on {stop.name} before the first step; nothing was trained")
         run_epochs(run)
+    except RuntimeError as e:
+        if watchdog is None or not hang.is_timeout(e):
+            raise
+        if monitor is not None:  # this rank's memory files only: the missing rank writes none to wait for
+            monitor.finish()
+            monitor = None
+        raise hang.diagnose(watchdog, e, cfg.dist.timeout_s) from e
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         memory = finish_monitor(run, monitor)
     finish(run, {"memory": memory} if memory else {})
     return 0
+
+
+def start_watchdog(run: Run) -> hang.Watchdog | None:
+    """The hang watchdog of this rank (distributed runs only: one process cannot wait for another)."""
+    store = rendezvous_store()
+    if not run.ctx.distributed or store is None or run.run_dir is None:
+        return None
+    return hang.Watchdog(run.ctx, store, run.run_dir, run.watch).start()
 
 
 class MemoryHook(Hook):

@@ -39,9 +39,9 @@ def ranks_of(proc: subprocess.Popen) -> dict[str, psutil.Process]:
     return found
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+def start(cmd: list[str], **env: str) -> subprocess.Popen:
+    out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), start_new_session=True, **out)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 200) -> str:
@@ -213,3 +213,37 @@ def test_ctrl_c_stops_the_whole_job_dataloader_workers_included(demo: Path, tmp_
         p.kill()
     assert left == [] and proc.returncode == 130, (left, out[-3000:])
     assert out.count("stopped on SIGINT at epoch") == 2 and "Traceback" not in out, out[-3000:]
+
+
+def test_a_hung_rank_is_named_and_live_stacks_are_dumped(demo: Path, tmp_path: Path) -> None:
+    """3 ranks: rank 2 never returns from a forward pass (in Python), rank 1 waits for it in the
+    gradient all-reduce and is then frozen (SIGSTOP). Rank 0 gives up after dist.timeout_s and says
+    who is where; the stacks of the live ranks (0 and 2) are in the run directory."""
+    stuck = str(REPO / "tests" / "fakes" / "stuck")
+    sets = tiny(demo, tmp_path, "h", "dist.timeout_s=8", "model.name=stuck_models:StuckCNN")
+    proc = start([sys.executable, LAUNCH, "train", "--nproc-per-node", "3", *sets],
+                 PYTHONPATH=stuck, STUCK_RANK="2", STUCK_AT="5")  # fmt: skip
+    run_dir = tmp_path / "h"
+    deadline = time.monotonic() + 120
+    while steps_logged(run_dir) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # rank 1 is now inside step 5's all-reduce, waiting for rank 2
+    ranks = ranks_of(proc)
+    ranks["1"].suspend()
+    tree = descendants(proc)
+    try:
+        out = finish(proc, 120)
+    finally:
+        for p in psutil.wait_procs(tree, timeout=5)[1]:
+            p.kill()
+    error = next(line for line in out.splitlines() if "[rank 0] ERROR" in line)
+    assert "waited dist.timeout_s=8s in the backward pass" in error and "at step 5" in error, error
+    assert "missing: rank(s) 1 never answered" in error, error
+    assert "rank 2 (pid" in error and "is not in it: step 5, in the forward pass" in error, error
+    assert str(run_dir / "hang") in error
+    launcher = next(line for line in out.splitlines() if line.startswith("[launcher] ERROR"))
+    assert str(run_dir / "hang") in launcher and "missing: rank(s) 1" in launcher, launcher
+    assert "wait_forever" in (run_dir / "hang" / "stack-rank2.txt").read_text()
+    assert "train_job" in (run_dir / "hang" / "stack-rank0.txt").read_text()
+    assert not (run_dir / "hang" / "stack-rank1.txt").exists()
+    assert proc.returncode != 0
