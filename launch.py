@@ -56,7 +56,7 @@ from distrib.devices import (
     plan_devices,
     query_inventory,
 )
-from distrib.errors import LaunchError
+from distrib.errors import EchoedError, LaunchError
 from distrib.logs import check_log_ranks, setup_logging
 from distrib.signals import Stopped
 from distrib.spawn import SpawnPlan, spawn, strip_launcher_flags
@@ -505,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse(items)
         return run_command(args, items)
     except LaunchError as e:
-        log.error("%s", e)
+        (log.debug if isinstance(e, EchoedError) else log.error)("%s", e)
         return 2
     except Stopped as e:  # SIGTERM/SIGINT: the run stopped at a step boundary, its checkpoint written
         log.warning("%s", e)

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from distrib.errors import LEAK_EXIT, LaunchError
+from distrib.errors import LEAK_EXIT, LaunchError, user_error_names
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,9 @@ def describe_failure(rank: int, failure: object) -> str:
     pid = getattr(failure, "pid", "?")
     if "elastic/errors.html" in str(message):
         message = ""  # torch's placeholder: the worker exited without raising
+    kind, _, rest = str(message).partition(": ")
+    if rest and kind in user_error_names():  # one of ours: the message is the whole story
+        message = rest
     if exitcode == LEAK_EXIT and not message:
         message = "the memory detector found a leak (its verdict is above)"  # an exit status, not a crash
     return (

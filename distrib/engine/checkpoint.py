@@ -9,6 +9,7 @@ stored is tensors and plain Python values.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from distrib.config import SHAPE_KEYS, ModelSection
-from distrib.errors import LaunchError
+from distrib.errors import CheckpointWriteError, LaunchError
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -63,22 +65,91 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class _Sink:
+    """What torch.save writes through: it keeps the OSError that torch's zip writer reports only
+    as "[enforce fail at inline_container.cc] unexpected pos 397824 vs 397712"."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.error = fh, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename, fsync the folder."""
+    """torch.save to a temporary file in the same folder, fsync, rename, fsync the folder.
+
+    Any failure (disk full, file too large, permission lost) leaves no partial file and raises
+    :class:`CheckpointWriteError` naming the path, the bytes needed and free, and what to do.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sink = None
     try:
         with tmp.open("wb") as fh:
-            torch.save(obj, fh)
+            sink = _Sink(fh)
+            torch.save(obj, sink)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:
+        cause = sink.error if sink is not None and sink.error is not None else e
+        raise CheckpointWriteError(write_failure(path, payload_bytes(obj), cause)) from e
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
+
+
+def payload_bytes(obj: Any) -> int:
+    """About what a checkpoint of ``obj`` takes on disk: its tensors' bytes (the rest is small)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
+def write_failure(path: Path, needed: int, error: BaseException) -> str:
+    """One line: which file, why, the bytes needed and free, what survives, what to do."""
+    folder = path.parent
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = -1
+    reason = getattr(error, "strerror", None)
+    if reason is None and 0 <= free < needed + (1 << 20):
+        reason = "no space left on device"  # torch's zip writer lost the errno: the figures tell
+    if reason and getattr(error, "errno", None) == errno.EFBIG:
+        reason += " (a file-size limit: ulimit -f)"
+    reason = reason or str(error).strip().splitlines()[0]
+    earlier = [p.name for p in numbered(folder) if p != path] if folder.is_dir() else []
+    kept = (
+        f"the earlier ones are untouched ({', '.join(earlier[-3:])})"
+        if earlier
+        else "none was written before"
+    )
+    room = f"{_mb(free)} free" if free >= 0 else "free space unknown"
+    return (
+        f"could not write checkpoint {path}: {reason}; it needs about {_mb(needed)}, {room} in {folder}; "
+        f"{kept}. Free space there (delete old runs, lower checkpoint.keep_last) or set checkpoint.dir "
+        "to a folder with room and writable by this user, then continue with --resume auto"
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
 
 
 def payload_digest(obj: Any) -> str:

@@ -20,9 +20,9 @@ from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
 from distrib.engine.step import Engine
-from distrib.errors import LaunchError
+from distrib.errors import CheckpointWriteError, EchoedError, LaunchError
 from distrib.hang import Watch
-from distrib.process_group import barrier, broadcast_object, gather_objects
+from distrib.process_group import broadcast_object, gather_objects
 from distrib.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,19 @@ def save(run: Run, best: bool) -> None:
     """Rank 0 writes a checkpoint of the run as it is now; every rank waits for it."""
     if run.ckpts is None:
         return
-    run.watch.at("saving a checkpoint (gathering RNG states, then a barrier)")
+    run.watch.at("saving a checkpoint (gathering RNG states, then waiting for rank 0)")
     state = checkpoint_state(run)
+    failure = None
     if state is not None:
-        path = run.ckpts.save(state, run.prog.global_step, best)
-        log.info("checkpoint %s%s", path, " (best)" if best else "")
-    barrier(run.ctx)
+        try:
+            path = run.ckpts.save(state, run.prog.global_step, best)
+            log.info("checkpoint %s%s", path, " (best)" if best else "")
+        except CheckpointWriteError as e:
+            failure = str(e)
+    # instead of a barrier: every rank learns the outcome, so none is left waiting for rank 0
+    failure = broadcast_object(run.ctx, failure)
+    if failure:
+        raise CheckpointWriteError(failure) if run.ctx.is_main else EchoedError(failure)
 
 
 def preflight(ctx: DistContext, mgr: ck.CheckpointManager) -> None:

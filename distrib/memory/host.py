@@ -23,8 +23,8 @@ from typing import Any
 
 from distrib.config import Config
 from distrib.context import DistContext
-from distrib.errors import LEAK_EXIT, LaunchError
-from distrib.memory.monitor import LeakError, Monitor, Where
+from distrib.errors import LEAK_EXIT, LaunchError, LeakError
+from distrib.memory.monitor import Monitor, Where
 from distrib.memory.preflight import cuda_index, preflight_gpu
 from distrib.memory.report import combine, verdict_table
 

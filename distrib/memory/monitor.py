@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distrib.config import MemorySection
-from distrib.errors import LaunchError
+from distrib.errors import LeakError
 from distrib.memory import census as cs
 from distrib.memory.detect import ADVICE, Thresholds, Verdict, classify, steps_to_oom
 from distrib.memory.probe import Fast, Probe
@@ -36,10 +36,6 @@ NO_GROUP = (
     "no group of live tensors or arrays grew: most often one autograd graph growing across steps "
     "(`total += loss` without .item()), or memory of a C extension"
 )
-
-
-class LeakError(LaunchError):
-    """memory.on_leak = fail: raised on every rank at the same step."""
 
 
 @dataclass(frozen=True)

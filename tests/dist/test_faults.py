@@ -247,3 +247,41 @@ def test_a_hung_rank_is_named_and_live_stacks_are_dumped(demo: Path, tmp_path: P
     assert "train_job" in (run_dir / "hang" / "stack-rank0.txt").read_text()
     assert not (run_dir / "hang" / "stack-rank1.txt").exists()
     assert proc.returncode != 0
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d; rmdir $d"
+    try:
+        return (
+            subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True, timeout=20).returncode
+            == 0
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -rm and tmpfs (a real small disk)")
+def test_a_full_disk_mid_checkpoint_is_one_line_and_the_earlier_checkpoints_resume(
+    demo: Path, tmp_path: Path
+) -> None:
+    """checkpoint.dir on a 200 kB tmpfs (a private mount namespace): an 86 kB checkpoint and best.pt fit."""
+    disk, saved = tmp_path / "disk", tmp_path / "saved"
+    disk.mkdir()
+    sets = tiny(demo, tmp_path, "d", "train.epochs=4", "checkpoint.keep_last=5")  # one per epoch
+    train = [sys.executable, LAUNCH, "train", "--nproc-per-node", "2", *sets]
+    script = f'mount -t tmpfs -o size=200k tmpfs "{disk}" && "$@"; rc=$?; cp -a "{disk}" "{saved}"; exit $rc'
+    proc = start(["unshare", "-rm", "sh", "-c", script, "sh", *train, "--set", f"checkpoint.dir={disk}"])
+    out = finish(proc, 200)
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 2 and errors[0].startswith("[rank 0] ERROR: could not write checkpoint"), errors
+    kept = sorted(p.name for p in saved.glob("ckpt-*.pt"))
+    assert kept and not list(saved.glob(".*tmp*")), kept  # what fitted; no partial file
+    failed = errors[0].split("could not write checkpoint ")[1].split(":")[0]
+    assert Path(failed).name not in kept and Path(failed).parent == disk
+    for needle in ("No space left on device", "needs about", "free in", f"untouched ({', '.join(kept)})"):
+        assert needle in errors[0], errors[0]
+    assert errors[1].startswith("[launcher] ERROR") and "No space left on device" in errors[1], errors[1]
+    assert "Traceback" not in out and "unexpected pos" not in out
+    again = launch(*train[2:], "--set", f"checkpoint.dir={saved}", "--resume", "auto", timeout=200)
+    assert again.returncode == 0 and f"resumed from {saved / kept[-1]}" in again.stderr, again.stderr[-3000:]

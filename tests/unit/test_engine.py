@@ -15,7 +15,7 @@ from distrib.engine import checkpoint as ck
 from distrib.engine.models import SmallCNN, build_model
 from distrib.engine.parallel import resolve_mode, unwrap, wrap
 from distrib.engine.step import check_batch_fits, lr_factor, oom_message
-from distrib.errors import LaunchError
+from distrib.errors import CheckpointWriteError, LaunchError
 
 
 def test_lr_schedules() -> None:
@@ -75,7 +75,7 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError, match=f"could not write checkpoint {path}: disk full"):
         ck.save_atomic(_fake_ckpt(2), path)
     assert ck.load_checkpoint(path)["model"]["w"][0] == 1
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -217,3 +220,49 @@ def test_log_ranks_must_exist() -> None:
     check_log_ranks("all", 1)
     with pytest.raises(LaunchError, match="rank 5 does not exist in this job of 2 rank"):
         check_log_ranks("5", 2)
+
+
+def test_a_file_size_limit_mid_save_is_one_line_and_the_earlier_checkpoint_survives(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE (ulimit -f) in a child process: torch's zip writer alone says only
+    "unexpected pos"; the error names the path, the cause, the sizes, and the survivors."""
+    first = _saved(tmp_path, 1)
+    code = (
+        "import resource, sys, torch\n"
+        "from pathlib import Path\n"
+        "from distrib.engine import checkpoint as ck\n"
+        "from distrib.errors import CheckpointWriteError\n"
+        f"size = {first.stat().st_size}\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))\n"
+        "state = {'model': {'w': torch.randn(size // 2)}, 'progress': {'global_step': 2}}\n"
+        "try:\n"
+        f"    ck.CheckpointManager(Path({str(tmp_path)!r}), keep_last=1).save(state, 2, best=False)\n"
+        "except CheckpointWriteError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(7)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 7, res.stderr[-2000:]
+    message = res.stdout.strip()
+    assert "\n" not in message and f"could not write checkpoint {tmp_path / 'ckpt-00000002.pt'}" in message
+    assert "File too large (a file-size limit: ulimit -f)" in message and "needs about" in message
+    assert "free in" in message and "ckpt-00000001.pt" in message and "--resume auto" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt"]  # no partial file
+    assert ck.load_checkpoint(first)["progress"]["global_step"] == 1  # and keep_last deleted nothing
+
+
+def test_a_permission_lost_mid_run_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(root ignores file modes here, so the refusal is simulated where the file is opened)"""
+    first = _saved(tmp_path, 1)
+    real_open = Path.open
+
+    def refuse(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "w" in mode:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(ck.CheckpointWriteError, match="Permission denied; it needs about") as err:
+        ck.CheckpointManager(tmp_path, keep_last=1).save(_state(2), 2, best=False)
+    assert "ckpt-00000001.pt" in str(err.value)
+    monkeypatch.undo()
+    assert ck.load_checkpoint(first)["progress"]["global_step"] == 1

@@ -167,7 +167,7 @@ def test_monitor_finds_a_tensor_leak_in_process_and_writes_its_files(
 
 
 def test_monitor_with_on_leak_fail_raises_on_the_same_check(tmp_path: Path) -> None:
-    from distrib.memory.monitor import LeakError
+    from distrib.errors import LeakError
 
     mon = _monitor(tmp_path, on_leak="fail")
     kept = []
