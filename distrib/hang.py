@@ -80,6 +80,30 @@ def is_timeout(error: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
+PEER_LOST = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "broken pipe",
+    "communicator was aborted",
+)
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """A collective failed because another rank's process went away (killed, crashed)."""
+    text = str(error).lower()
+    return any(p in text for p in PEER_LOST)
+
+
+def peer_lost(ctx: DistContext, watch: Watch, error: BaseException) -> LaunchError:
+    """One line instead of a traceback: this rank is fine, another one left the group."""
+    first = str(error).strip().splitlines()[0]
+    return LaunchError(
+        f"rank {ctx.rank}: another rank left the process group during {watch.where} at step {watch.step} "
+        f"({first}); its own error, if it had one, is the launcher's; with --max-restarts N the "
+        "agent restarts every rank from the newest checkpoint"
+    )
+
+
 class Watchdog:
     """A daemon thread per rank: when any rank raises the hang flag, dump our stack and report."""
 

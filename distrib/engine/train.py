@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ from distrib.engine.step import (
     optimizer_step,
     set_determinism,
 )
+from distrib.errors import LaunchError, LeakError
 from distrib.memory.monitor import Monitor, Where
 from distrib.memory.preflight import cuda_index, preflight_gpu
 from distrib.memory.report import combine, verdict_table
@@ -208,22 +210,39 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     monitor = start_monitor(run) if cfg.memory.enabled else None
     watchdog = start_watchdog(run)
     try:
-        if stop_agreed(run):  # asked to stop while setting up: nothing trained, nothing to save
-            raise Stopped(stop, f"stopped on {stop.name} before the first step; nothing was trained")
-        run_epochs(run)
-    except RuntimeError as e:
-        if watchdog is None or not hang.is_timeout(e):
-            raise
-        if monitor is not None:  # this rank's memory files only: the missing rank writes none to wait for
-            monitor.finish()
-            monitor = None
-        raise hang.diagnose(watchdog, e, cfg.dist.timeout_s) from e
+        guarded_epochs(run, watchdog)
     finally:
         if watchdog is not None:
             watchdog.stop()
-        memory = finish_monitor(run, monitor)
+        memory = finish_monitor(run, monitor, together=ended_together(sys.exc_info()[1]))
     finish(run, {"memory": memory} if memory else {})
     return 0
+
+
+def guarded_epochs(run: Run, watchdog: hang.Watchdog | None) -> None:
+    """run_epochs, with a collective that timed out turned into the hang diagnosis."""
+    stop = run.stop
+    try:
+        if stop is not None and stop_agreed(run):  # asked to stop while setting up: nothing to save
+            raise Stopped(stop, f"stopped on {stop.name} before the first step; nothing was trained")
+        run_epochs(run)
+    except RuntimeError as e:
+        if isinstance(e, LaunchError) or not run.ctx.distributed:
+            raise
+        if hang.is_peer_lost(e):
+            raise hang.peer_lost(run.ctx, run.watch, e) from e
+        if watchdog is None or not hang.is_timeout(e):
+            raise
+        raise hang.diagnose(watchdog, e, run.cfg.dist.timeout_s) from e
+
+
+def ended_together(error: BaseException | None) -> bool:
+    """Did every rank leave the loop at the same step (so each wrote its memory report)?
+
+    A leak verdict and a stop are agreed by all ranks; any other error is this rank's alone,
+    and waiting for the others' reports would hold the agent's restart up by 30 s.
+    """
+    return error is None or isinstance(error, (LeakError, Stopped))
 
 
 def start_watchdog(run: Run) -> hang.Watchdog | None:
@@ -261,12 +280,12 @@ def start_monitor(run: Run) -> Monitor:
     return monitor
 
 
-def finish_monitor(run: Run, monitor: Monitor | None) -> dict[str, Any] | None:
+def finish_monitor(run: Run, monitor: Monitor | None, together: bool = True) -> dict[str, Any] | None:
     """Every rank writes its memory files; rank 0 combines them into the summary and memory.png."""
     if monitor is None:
         return None
     monitor.finish()
-    if not run.ctx.is_main or run.run_dir is None:
+    if not together or not run.ctx.is_main or run.run_dir is None:
         return None
     summary, reports = combine(run.run_dir, run.ctx.world_size)
     if summary["leak_ranks"]:

@@ -76,3 +76,23 @@ def test_when_every_rank_is_in_the_same_place_it_says_so(tmp_path: Path) -> None
 )
 def test_only_timeouts_start_a_diagnosis(text: str, timeout: bool) -> None:
     assert hang.is_timeout(RuntimeError(text)) is timeout
+
+
+@pytest.mark.parametrize(
+    ("text", "lost"),
+    [
+        ("[pair.cc:545] Read error [127.0.0.1]:11904: Connection reset by peer. This is typically", True),
+        ("[pair.cc:589] Connection closed by peer [127.0.0.1]:4242", True),
+        ("[unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation to complete", False),
+    ],
+)
+def test_a_peer_that_went_away_is_one_line(text: str, lost: bool) -> None:
+    assert hang.is_peer_lost(RuntimeError(text)) is lost
+    if lost:
+        message = str(
+            hang.peer_lost(ctx(0, 2), hang.Watch(step=8, where="the backward pass"), RuntimeError(text))
+        )
+        assert message.startswith(
+            "rank 0: another rank left the process group during the backward pass at step 8"
+        )
+        assert "--max-restarts" in message and "\n" not in message
