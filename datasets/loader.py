@@ -116,6 +116,30 @@ def _unwrap_worker_errors(it: Iterator[Batch]) -> Iterator[Batch]:
         yield batch
 
 
+_WORKER_DIED = re.compile(
+    r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (is killed by signal: (\w+)|exited unexpectedly)"
+)
+
+
+def worker_death(error: BaseException, rank: int, num_workers: int) -> LaunchError | None:
+    """torch's "DataLoader worker (pid N) is killed by signal: Killed" as one line with the usual cause.
+
+    A worker killed by SIGKILL is almost always the kernel's OOM killer: every worker holds its
+    own copy of what the dataset object carries, plus prefetched batches.
+    """
+    m = _WORKER_DIED.search(str(error))
+    if m is None:
+        return None
+    how = f"was killed by signal {m.group(3)}" if m.group(3) else "exited unexpectedly"
+    hint = (
+        "; SIGKILL is usually the kernel's OOM killer (see `dmesg`): lower data.num_workers "
+        f"(now {num_workers}) or data.batch_size, or give the job more host memory"
+        if m.group(3) == "Killed" or not m.group(3)
+        else ""
+    )
+    return LaunchError(f"rank {rank}: DataLoader worker (pid {m.group(1)}) {how}{hint}")
+
+
 def make_sampler(
     samples: Samples, ctx: DistContext, seed: int, train: bool, kind: str = "distributed"
 ) -> Sampler:

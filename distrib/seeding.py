@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distrib import signals
+
 # Seed purposes: one table, so no two uses of run.seed ever share a stream.
 SAMPLE = 1  # an item's augmentation in an epoch (datasets/loader.py)
 WORKER = 2  # a DataLoader worker's random/numpy/torch state
@@ -80,3 +82,4 @@ class WorkerSeeder:
 
     def __call__(self, worker_id: int) -> None:
         seed_process(worker_seed(self.seed, self.rank, worker_id, self.epoch))
+        signals.loader_worker()  # the one hook torch runs in every worker: its signals too

@@ -9,13 +9,18 @@ checkpoint and all exit with 128 + the signal's number and one log line.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -56,3 +61,37 @@ def install() -> StopRequest:
     for sig in SIGNALS:
         signal.signal(sig, request.handle)
     return request
+
+
+def die_with_parent(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent exits; False where it cannot.
+
+    If the parent is already gone (we were re-parented to init), ``sig`` is sent at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig)) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the parent died before the call: nobody would ever tell us
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def loader_worker() -> None:
+    """In a DataLoader worker: the rank that forked it owns its lifetime.
+
+    The worker leaves the rank's process group. torchrun's agent signals a rank's whole group,
+    and a terminal's Ctrl-C the whole foreground group; a worker killed that way makes torch
+    raise "DataLoader worker is killed by signal" in the middle of the rank's step, while the
+    rank itself would stop cleanly at the step boundary and shut its workers down. (Ignoring
+    the signals instead would deadlock Python's exit, which terminates and joins them.)
+    When the rank dies, its workers get SIGKILL: they hold copies of the rank's gloo sockets,
+    so the other ranks otherwise noticed a killed rank only after the workers' own 5 s check.
+    """
+    with contextlib.suppress(OSError):  # already a group leader: nothing to leave
+        os.setpgid(0, 0)
+    die_with_parent(signal.SIGKILL)

@@ -8,21 +8,19 @@ job, and always tear the group down.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import os
 import secrets
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from distrib import signals
 from distrib.config import Config, dump_config
 from distrib.context import DistContext
 from distrib.devices import DevicePlan, verify_cuda_visibility
@@ -141,24 +139,14 @@ def after_restart(ctx: DistContext, cfg: Config, command: str) -> Config:
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
 
 
-PR_SET_PDEATHSIG = 1
-
-
 def die_with_agent(ctx: DistContext) -> None:
     """A rank started by an elastic agent (ours or torchrun) gets SIGTERM when the agent dies.
 
     Without it a SIGKILLed launcher leaves its ranks (each in a session of its own) training
     on with nobody watching. Linux only; elsewhere nothing changes.
     """
-    if ctx.launcher != "torchrun" or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the agent died before the call: nobody would ever stop us
-        os.kill(os.getpid(), signal.SIGTERM)
+    if ctx.launcher == "torchrun":
+        signals.die_with_parent(signal.SIGTERM)
 
 
 def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job, own_group: bool = True) -> int:

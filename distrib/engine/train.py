@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import torch
 
 from datasets.build import DataSplit, build_split, normalization
 from datasets.folder import write_class_map
-from datasets.loader import LoaderSpec, build_loader
+from datasets.loader import LoaderSpec, build_loader, worker_death
 from datasets.preview import write_preview
 from datasets.transforms import eval_transform, train_transform
 from distrib import hang, signals
@@ -179,7 +180,23 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
 
 
 def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
-    """``launch.py train``: the whole run, rank 0 writing the run directory."""
+    """``launch.py train``: the whole run, rank 0 writing the run directory.
+
+    A dead DataLoader worker is reported in one line wherever torch notices it: its SIGCHLD
+    handler raises at any point, also on the way out of a run that already failed.
+    """
+    try:
+        return train_run(ctx, cfg, run_dir)
+    except RuntimeError as e:
+        died = None if isinstance(e, LaunchError) else worker_death(e, ctx.rank, cfg.data.num_workers)
+        if died is None:
+            raise
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # no second report on the way out
+        raise died from e
+
+
+def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
+    """The run itself: data, engine, resume, the epochs, the memory verdict, the summary."""
     stop = signals.install()  # from here on SIGTERM/SIGINT stop the run at a step boundary
     set_determinism(cfg)
     split = build_split(ctx, cfg)
@@ -227,8 +244,8 @@ def guarded_epochs(run: Run, watchdog: hang.Watchdog | None) -> None:
             raise Stopped(stop, f"stopped on {stop.name} before the first step; nothing was trained")
         run_epochs(run)
     except RuntimeError as e:
-        if isinstance(e, LaunchError) or not run.ctx.distributed:
-            raise
+        if isinstance(e, LaunchError) or not run.ctx.distributed or worker_death(e, 0, 0):
+            raise  # a dead DataLoader worker is train_job's to report
         if hang.is_peer_lost(e):
             raise hang.peer_lost(run.ctx, run.watch, e) from e
         if watchdog is None or not hang.is_timeout(e):

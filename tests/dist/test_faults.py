@@ -26,15 +26,20 @@ def steps_logged(run_dir: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
-def ranks_of(proc: subprocess.Popen) -> dict[str, psutil.Process]:
-    """The job's worker processes by LOCAL_RANK (the launcher's or torchrun's children)."""
+def ranks_of(proc: subprocess.Popen, loader_workers: bool = False) -> dict[str, psutil.Process]:
+    """The job's ranks by LOCAL_RANK (the agent's children), or one DataLoader worker of each."""
     found = {}
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            env = child.environ()
+            env, parent = child.environ(), child.parent()
+            parent_is_rank = parent is not None and "LOCAL_RANK" in parent.environ()
         except (psutil.AccessDenied, psutil.NoSuchProcess):
             continue
-        if "LOCAL_RANK" in env and "launch.py" in " ".join(child.cmdline()):
+        if (
+            "LOCAL_RANK" in env
+            and "launch.py" in " ".join(child.cmdline())
+            and parent_is_rank == loader_workers
+        ):
             found[env["LOCAL_RANK"]] = child
     return found
 
@@ -53,12 +58,12 @@ def finish(proc: subprocess.Popen, timeout: float = 200) -> str:
     return out
 
 
-def kill_a_rank_at(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+def kill_a_rank_at(proc: subprocess.Popen, run_dir: Path, step: int, loader_worker: bool = False) -> None:
     deadline = time.monotonic() + 120
     while steps_logged(run_dir) < step and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    victims = ranks_of(proc)
-    assert "1" in victims, f"no rank 1 to kill at step {step}"
+    victims = ranks_of(proc, loader_worker)
+    assert "1" in victims, f"no rank 1 (or its DataLoader worker) to kill at step {step}"
     victims["1"].kill()
 
 
@@ -79,17 +84,22 @@ def reference(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "ref"
 
 
+@pytest.mark.parametrize("victim", ["rank", "loader worker"])
 def test_a_killed_worker_restarts_and_resumes_exactly_under_our_launcher(
-    demo: Path, reference: Path, tmp_path: Path
+    demo: Path, reference: Path, tmp_path: Path, victim: str
 ) -> None:
+    """With DataLoader workers: a killed rank's workers hold copies of its sockets and must die
+    with it; a killed DataLoader worker (the OOM killer's usual victim) is one line, then a restart."""
     step = random.Random().randint(6, 24)
     proc = start([sys.executable, LAUNCH, "train", "--nproc-per-node", "2", "--max-restarts", "1",
-                  *tiny(demo, tmp_path, "k", *SETS)])  # fmt: skip
-    kill_a_rank_at(proc, tmp_path / "k", step)
+                  *tiny(demo, tmp_path, "k", *SETS, "data.num_workers=2")])  # fmt: skip
+    kill_a_rank_at(proc, tmp_path / "k", step, loader_worker=victim == "loader worker")
     out = finish(proc)
     assert proc.returncode == 0, f"killed at step {step}\n{out[-3000:]}"
     assert "restart 1: resuming from the newest valid checkpoint" in out and "resumed from" in out
-    assert "Traceback" not in out, out[-3000:]  # the survivor says in one line that its peer left
+    assert "Traceback" not in out, out[-3000:]  # the survivors say in one line what happened
+    if victim == "loader worker":
+        assert "[rank 1] ERROR: rank 1: DataLoader worker (pid" in out and "OOM killer" in out, out[-3000:]
     same_run(reference, tmp_path / "k")
 
 
@@ -175,8 +185,9 @@ def test_sigint_to_a_single_process_stops_at_a_step_and_resumes(demo: Path, tmp_
 
 
 def test_sigterm_to_torchruns_agent_stops_the_ranks_at_a_step(demo: Path, tmp_path: Path) -> None:
+    # the agent signals each rank's process group: DataLoader workers must not die under the rank
     proc = start([*TORCHRUN, "--standalone", "--nproc-per-node", "2", LAUNCH, "train",
-                  *tiny(demo, tmp_path, "a", *SETS)])  # fmt: skip
+                  *tiny(demo, tmp_path, "a", *SETS, "data.num_workers=2")])  # fmt: skip
     deadline = time.monotonic() + 120
     while steps_logged(tmp_path / "a") < 4 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -185,6 +196,7 @@ def test_sigterm_to_torchruns_agent_stops_the_ranks_at_a_step(demo: Path, tmp_pa
     out = finish(proc, 60)
     assert psutil.wait_procs(tree, timeout=10)[1] == []
     assert out.count("stopped on SIGTERM at epoch") == 2, out[-3000:]  # torchrun's own lines aside
+    assert "DataLoader worker" not in out and out.count("Traceback") <= 1, out[-3000:]  # torchrun's own one
 
 
 def test_a_second_signal_ends_the_process_at_once() -> None:

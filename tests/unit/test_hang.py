@@ -96,3 +96,26 @@ def test_a_peer_that_went_away_is_one_line(text: str, lost: bool) -> None:
             "rank 0: another rank left the process group during the backward pass at step 8"
         )
         assert "--max-restarts" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (
+            "DataLoader worker (pid 22152) is killed by signal: Killed. ",
+            "was killed by signal Killed; SIGKILL is",
+        ),
+        ("DataLoader worker (pid 9) is killed by signal: Terminated.", "was killed by signal Terminated"),
+        (
+            "DataLoader worker (pid(s) 22466, 22467) exited unexpectedly",
+            "(pid 22466, 22467) exited unexpectedly",
+        ),
+    ],
+)
+def test_a_dead_dataloader_worker_is_one_line_naming_the_likely_cause(text: str, needle: str) -> None:
+    from datasets.loader import worker_death
+
+    error = worker_death(RuntimeError(text), rank=1, num_workers=4)
+    assert error is not None and needle in str(error) and str(error).startswith("rank 1: DataLoader worker")
+    assert ("OOM killer" in str(error)) == ("Terminated" not in text)
+    assert worker_death(RuntimeError("Connection reset by peer"), 0, 4) is None
