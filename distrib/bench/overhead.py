@@ -176,11 +176,14 @@ def build(ctx: Any, shape: Shape, run_dir: Path) -> tuple[Run, Interleave, Monit
     """The engine's run (its real loop and step) with the bare step and a memory monitor hooked in."""
     from distrib.config import MemorySection, load_config
     from distrib.engine.step import Feed, assemble
+    from distrib.signals import StopRequest
 
     cfg = load_config(None, [f"model.width={WIDTH}", "optim.lr=0.01", "optim.schedule=constant"])
     data = make_data(shape)
     loader = MemoryLoader(data, shape)
-    run = Run(ctx, cfg, assemble(ctx, cfg, Feed(loader, loader, MEAN, STD, CLASSES)))
+    feed = Feed(loader, loader, MEAN, STD, CLASSES)
+    # a stop request, as train has: its per-step all-reduce is part of the engine step timed
+    run = Run(ctx, cfg, assemble(ctx, cfg, feed), stop=StopRequest())
     where = Where(ctx.rank, ctx.world_size, ctx.device, None, run_dir)
     monitor = Monitor(where, MemorySection(), agree=lambda mine: mine).start()
     pairs = Interleave(BareStep(data, shape), monitor)

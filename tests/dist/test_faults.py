@@ -126,6 +126,7 @@ def test_a_killed_launcher_leaves_no_rank_training(demo: Path, tmp_path: Path) -
         time.sleep(0.05)
     ranks = list(ranks_of(proc).values())
     assert len(ranks) == 2
+    trained = steps_logged(tmp_path / "o")
     proc.kill()  # SIGKILL: the launcher (the agent) cannot forward anything
     proc.wait()
     gone = psutil.wait_procs(ranks, timeout=15)[1]
@@ -133,6 +134,8 @@ def test_a_killed_launcher_leaves_no_rank_training(demo: Path, tmp_path: Path) -
         p.kill()
     assert gone == [], f"ranks still running after the launcher died: {gone}"
     finish(proc, 5)
+    saved = sorted((tmp_path / "o" / "checkpoints").glob("ckpt-*.pt"))  # the kernel's SIGTERM: a clean stop
+    assert saved and int(saved[-1].stem.split("-")[1]) >= trained, (saved, trained)
 
 
 def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
