@@ -19,7 +19,11 @@ import sys
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# A rank's parent-death signal. Linux sends it once per exiting thread of a SIGKILLed agent
+# (the rank is re-parented to a sibling thread, which then dies too), so repeats of it must
+# not count as "a second signal"; SIGHUP ("the controlling process is gone") says what happened.
+AGENT_GONE = signal.SIGHUP
 PR_SET_PDEATHSIG = 1
 
 
@@ -39,9 +43,13 @@ class StopRequest:
 
     @property
     def name(self) -> str:
+        if self.signum == AGENT_GONE:
+            return "SIGHUP (the launcher that started this rank is gone)"
         return signal.Signals(self.signum).name if self.signum else ""
 
     def handle(self, signum: int, frame: object) -> None:
+        if self.signum and signum == AGENT_GONE:  # the dying agent's other threads: the same news
+            return
         if self.signum:  # the second signal: no more waiting
             os._exit(128 + signum)
         self.signum = signum
@@ -56,7 +64,7 @@ class Stopped(Exception):  # noqa: N818 - the run ended on request, not an error
 
 
 def install() -> StopRequest:
-    """Route SIGTERM and SIGINT to a fresh :class:`StopRequest` (main thread only)."""
+    """Route SIGTERM, SIGINT and SIGHUP to a fresh :class:`StopRequest` (main thread only)."""
     request = StopRequest()
     for sig in SIGNALS:
         signal.signal(sig, request.handle)

@@ -13,7 +13,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,13 +139,15 @@ def after_restart(ctx: DistContext, cfg: Config, command: str) -> Config:
 
 
 def die_with_agent(ctx: DistContext) -> None:
-    """A rank started by an elastic agent (ours or torchrun) gets SIGTERM when the agent dies.
+    """A rank started by an elastic agent (ours or torchrun) gets SIGHUP when the agent dies.
 
     Without it a SIGKILLed launcher leaves its ranks (each in a session of its own) training
-    on with nobody watching. Linux only; elsewhere nothing changes.
+    on with nobody watching. SIGHUP, not SIGTERM: the kernel sends it once per exiting thread
+    of the agent, and only repeats of SIGHUP are not taken for an impatient second signal.
+    Linux only; elsewhere nothing changes.
     """
     if ctx.launcher == "torchrun":
-        signals.die_with_parent(signal.SIGTERM)
+        signals.die_with_parent(signals.AGENT_GONE)
 
 
 def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job, own_group: bool = True) -> int:
