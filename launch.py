@@ -27,8 +27,8 @@ The same worker code runs however the process was started::
     python launch.py run --nproc-per-node 4 --gpus 2,3,4,5 my_train.py --lr 0.1
     python launch.py memcheck --nproc-per-node 2 -- my_train.py --lr 0.1
 
-Commands: train (default), eval, check, run, memcheck, organize, stats, preview, env,
-config, bench (see README.md). ``--gpus`` sets
+Commands: train (default), eval, check, run, memcheck, organize, stats, preview, cache,
+env, config, bench (see README.md). ``--gpus`` sets
 CUDA_DEVICE_ORDER=PCI_BUS_ID and CUDA_VISIBLE_DEVICES *before torch is imported*; that
 is why this module imports torch only inside functions.
 """
@@ -76,6 +76,7 @@ COMMANDS = (
     "organize",
     "stats",
     "preview",
+    "cache",
     "env",
     "config",
     "bench",
@@ -190,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--data", required=True, help="ImageFolder root or a flat image folder")
     stats.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="resize first")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser(
+        "cache",
+        parents=[common, launcher],
+        help="decode every image once into the decoded cache (data.cache_dir), with every core",
+    )
     prev = sub.add_parser("preview", parents=[common], help="PNG grid of one augmented batch")
     prev.add_argument("--out", help="PNG path (default: runs/<name>/preview.png)")
     run = sub.add_parser(
@@ -364,6 +370,10 @@ def job_for(args: argparse.Namespace, applied: AppliedEnv) -> Job:
         from datasets.commands import stats_job
 
         return functools.partial(stats_job, data_dir=args.data, resize=args.resize, as_json=args.json)
+    if args.command == "cache":
+        from datasets.commands import cache_job
+
+        return cache_job
     if args.command == "preview":
         from datasets.commands import preview_job
 

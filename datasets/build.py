@@ -6,9 +6,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets.cache import CachedSource, open_cache
 from datasets.folder import Samples, check_same_classes, dataset_key, scan_imagefolder, stratified_split
+from datasets.loader import PixelSource
 from datasets.organize import LabelCsv, organize
 from datasets.stats import cached_stats
+from datasets.transforms import Decoder
 from distrib.config import Config, DataSection
 from distrib.context import DistContext
 from distrib.errors import LaunchError
@@ -85,19 +88,28 @@ def build_split(ctx: DistContext, cfg: Config) -> DataSplit:
     return DataSplit(full.subset(tr), full.subset(va), root)
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where each split's pixels come from: the decoded cache, or None (decode every time)."""
+
+    train: PixelSource | None = None
+    val: PixelSource | None = None
+
+
+def pixel_sources(ctx: DistContext, cfg: Config, split: DataSplit) -> Sources:
+    """data.cache = 'disk': open (once per node: create) the cache of both splits."""
+    if cfg.data.cache != "disk":
+        return Sources()
+    cache = open_cache(ctx, [split.train, split.val], cfg.data.cache_dir, Decoder.from_config(cfg.data))
+    return Sources(CachedSource(cache, cache.slots(split.train)), CachedSource(cache, cache.slots(split.val)))
+
+
 def normalization(
-    ctx: DistContext, cfg: Config, split: DataSplit
+    ctx: DistContext, cfg: Config, split: DataSplit, sources: Sources | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """data.mean/std as given, or exact stats of the training split (cached per dataset)."""
     data = cfg.data
     if not isinstance(data.mean, str) and not isinstance(data.std, str):
         return tuple(data.mean), tuple(data.std)
-    stats = cached_stats(
-        split.train,
-        ctx,
-        resize=data.resize,
-        cache_dir=data.stats_cache,
-        num_workers=data.num_workers,
-        skip_bad=data.on_bad_image == "skip",
-    )
+    stats = cached_stats(split.train, ctx, data, sources.train if sources else None)
     return stats.mean, stats.std

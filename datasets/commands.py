@@ -1,4 +1,4 @@
-"""The data commands that run as workers: ``stats`` and ``preview``."""
+"""The data commands that run as workers: ``stats``, ``preview`` and ``cache``."""
 
 from __future__ import annotations
 
@@ -6,19 +6,28 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader, Dataset
+
 from datasets.build import build_split, normalization
+from datasets.cache import DecodedCache, open_cache
 from datasets.folder import IMG_EXTENSIONS, scan_imagefolder, write_bad_images, write_class_map
+from datasets.loader import unwrap_worker_errors
 from datasets.preview import write_preview
 from datasets.stats import compute_stats, format_stats
+from datasets.transforms import BadImageError, Decoder
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
+from distrib.process_group import all_reduce_sum, gather_objects
 
 log = logging.getLogger(__name__)
+PROGRESS_S = 5.0  # seconds between progress lines of `launch.py cache`
 
 
 def image_paths(folder: str | Path) -> list[str]:
@@ -93,4 +102,70 @@ def preview_job(ctx: DistContext, cfg: Config, run_dir: Path, *, out: str | None
         write_class_map(split.classes, run_dir / "classes.json")
         if write_preview(ctx, cfg, split, mean, std, out or run_dir / "preview.png") is None:
             raise LaunchError("the training split yields no batch to preview")
+    return 0
+
+
+class _Fill(Dataset):
+    """Decodes one cache slot per item (in a DataLoader worker); returns 1, or the path if undecodable."""
+
+    def __init__(self, cache: DecodedCache, slots: list[int], skip_bad: bool):
+        self.cache, self.slots, self.skip_bad = cache, slots, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getitem__(self, i: int) -> int | str:
+        slot = self.slots[i]
+        path = str(self.cache.plan.paths[slot])
+        try:
+            self.cache.get(slot, path)
+        except BadImageError as e:
+            if not self.skip_bad:
+                raise LaunchError(f"{e}; set data.on_bad_image = 'skip' to leave it out") from None
+            return path
+        return 1
+
+
+def _first_item(items: list) -> object:
+    return items[0]
+
+
+def cache_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
+    """``launch.py cache``: decode every image of both splits into the cache, with every core.
+
+    Ranks share the slots r::W; each rank uses its share of the node's cores as workers.
+    """
+    split = build_split(ctx, cfg)
+    cache = open_cache(ctx, [split.train, split.val], cfg.data.cache_dir, Decoder.from_config(cfg.data))
+    n = len(cache.plan.paths)
+    todo = [s for s in range(ctx.rank, n, ctx.world_size) if not cache.current(s)]
+    workers = max(1, (os.cpu_count() or 1) // ctx.local_world_size)
+    loader = DataLoader(
+        _Fill(cache, todo, cfg.data.on_bad_image == "skip"),
+        batch_size=1,
+        num_workers=min(workers, len(todo)),
+        collate_fn=_first_item,
+    )
+    start = last = time.monotonic()
+    skipped: list[str] = []
+    for done, item in enumerate(unwrap_worker_errors(iter(loader)), 1):
+        if isinstance(item, str):
+            skipped.append(item)
+        if ctx.is_main and time.monotonic() - last > PROGRESS_S:
+            last = time.monotonic()
+            rate = done / (last - start)
+            eta = time.strftime("%H:%M:%S", time.gmtime((len(todo) - done) / max(rate, 1e-9)))
+            log.info("caching: %d/%d of this rank's images, %.0f img/s, ETA %s", done, len(todo), rate, eta)
+    skipped = [p for part in gather_objects(ctx, skipped) for p in part]
+    decoded = int(all_reduce_sum(ctx, torch.tensor([len(todo)], dtype=torch.int64)).item())
+    if ctx.is_main:
+        write_bad_images(run_dir, tuple(skipped))
+        took = time.monotonic() - start
+        log.info(
+            "decoded cache %s: %d image(s) decoded in %.1f s, %d were already there%s",
+            cache.plan.folder, decoded - len(skipped), took, n - decoded,
+            f", {len(skipped)} undecodable (listed in the run directory)" if skipped else "",
+        )  # fmt: skip
+        if cfg.data.cache != "disk":
+            log.info("training reads it with data.cache = 'disk' (now %r)", cfg.data.cache)
     return 0

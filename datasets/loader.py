@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datasets.collate import Batch, Skipped, collate_uint8
 from datasets.folder import Samples
 from datasets.samplers import BalancedSampler, ExactEvalSampler, TrainSampler
-from datasets.transforms import BadImageError, decode_uint8
+from datasets.transforms import BadImageError, Decoder
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
@@ -30,8 +30,11 @@ from distrib.seeding import WorkerSeeder, loader_seed, sample_seed
 log = logging.getLogger(__name__)
 
 
+PixelSource = Callable[[str, int], torch.Tensor]  # (path, sample index) -> (3, H, W) uint8
+
+
 class ImageDataset(Dataset):
-    """Decode -> uint8 augmentation, seeded per (seed, epoch, index).
+    """Pixels (decoded, or from the decoded cache) -> uint8 augmentation, seeded per (seed, epoch, index).
 
     Keys are ``(index, epoch)`` (plain ints mean epoch 0). The augmentation runs under a
     forked torch RNG seeded from the key, so it neither depends on nor disturbs the
@@ -44,11 +47,13 @@ class ImageDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor],
         seed: int,
         on_bad_image: str = "error",
+        source: PixelSource | None = None,
     ):
         self.samples = samples
         self.transform = transform
         self.seed = seed
         self.on_bad_image = on_bad_image
+        self.source = source or Decoder()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -57,7 +62,7 @@ class ImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path = str(self.samples.paths[index])
         try:
-            image = decode_uint8(path)
+            image = self.source(path, index)
         except BadImageError as e:
             if self.on_bad_image == "skip":
                 return Skipped(path, str(e))
@@ -94,13 +99,13 @@ class ImageLoader:
             self.loader.worker_init_fn.epoch = epoch
         if self.loader.generator is not None:
             self.loader.generator.manual_seed(loader_seed(self.seed, self.rank, epoch))
-        return _unwrap_worker_errors(iter(self.loader))
+        return unwrap_worker_errors(iter(self.loader))
 
 
 _ORIGINAL = re.compile(r"^(?:[\w.]+\.)?(LaunchError|BadImageError): (.*)$", re.S | re.M)
 
 
-def _unwrap_worker_errors(it: Iterator[Batch]) -> Iterator[Batch]:
+def unwrap_worker_errors(it: Iterator[Batch]) -> Iterator[Batch]:
     """A user error raised in a worker comes back wrapped in its traceback: unwrap it."""
     while True:
         try:
@@ -161,6 +166,7 @@ class LoaderSpec:
     sampler: str = "distributed"  # training only: distributed or balanced
     on_bad_image: str = "error"
     pad_variable: bool = False
+    decoder: Decoder = Decoder()  # file -> pixels at data.resize (the transform resizes otherwise)
 
     @staticmethod
     def from_config(cfg: Config, *, train: bool) -> LoaderSpec:
@@ -168,7 +174,14 @@ class LoaderSpec:
         d = cfg.data
         sampler = d.sampler if train else "distributed"
         return LoaderSpec(
-            cfg.run.seed, d.batch_size, d.num_workers, train, sampler, d.on_bad_image, d.pad_variable
+            cfg.run.seed,
+            d.batch_size,
+            d.num_workers,
+            train,
+            sampler,
+            d.on_bad_image,
+            d.pad_variable,
+            Decoder.from_config(d),
         )
 
 
@@ -177,11 +190,15 @@ def build_loader(
     transform: Callable[[torch.Tensor], torch.Tensor],
     ctx: DistContext,
     spec: LoaderSpec,
+    source: PixelSource | None = None,
     **loader_kw: Any,
 ) -> ImageLoader:
-    """A seeded, sharded DataLoader of uint8 batches for this rank."""
+    """A seeded, sharded DataLoader of uint8 batches for this rank.
+
+    ``source``: where pixels come from (the decoded cache); by default ``spec.decoder``.
+    """
     seed, batch_size = spec.seed, spec.batch_size
-    dataset = ImageDataset(samples, transform, seed, spec.on_bad_image)
+    dataset = ImageDataset(samples, transform, seed, spec.on_bad_image, source or spec.decoder)
     smp = make_sampler(samples, ctx, seed, spec.train, spec.sampler)
     if spec.train and len(smp) < batch_size and len(smp) > 0:
         log.warning("this rank's shard has %d images, fewer than batch_size %d", len(smp), batch_size)

@@ -13,21 +13,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from datasets.folder import Samples, dataset_key
-from datasets.transforms import BadImageError, decode_uint8
+from datasets.transforms import BadImageError, Decoder
+from distrib.config import DataSection
 from distrib.context import DistContext
 from distrib.errors import LaunchError
 from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
 
 log = logging.getLogger(__name__)
+PixelSource = Callable[[str, int], torch.Tensor]  # (path, index) -> (3, H, W) uint8
 LEVELS = torch.arange(256, dtype=torch.float64) / 255.0
 
 
@@ -61,24 +62,23 @@ def moments(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _HistDataset(Dataset):
-    def __init__(self, paths: Sequence[str], resize: Sequence[int] | None, skip_bad: bool):
-        self.paths = paths
-        self.resize = v2.Resize(list(resize), antialias=True) if resize else None
-        self.skip_bad = skip_bad
+    """Histograms of this rank's shard: ``indices`` into the full path list."""
+
+    def __init__(self, paths: Sequence[str], indices: Sequence[int], source: PixelSource, skip_bad: bool):
+        self.paths, self.indices, self.source, self.skip_bad = paths, indices, source, skip_bad
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> torch.Tensor | str:
+        index = self.indices[i]
         try:
-            img = decode_uint8(self.paths[i])
+            img = self.source(self.paths[index], index)
         except BadImageError as e:
             if self.skip_bad:
                 log.warning("skipping %s", e)
-                return self.paths[i]
+                return self.paths[index]
             raise LaunchError(f"{e}; set data.on_bad_image = 'skip' to leave it out") from None
-        if self.resize is not None:
-            img = self.resize(img)
         return image_histogram(img)
 
 
@@ -93,11 +93,16 @@ def compute_stats(
     resize: Sequence[int] | None = None,
     num_workers: int = 2,
     skip_bad: bool = False,
+    source: PixelSource | None = None,
 ) -> Stats:
-    """Exact stats over ``paths``, sharded r::W across ranks and summed (identity alone)."""
-    shard = list(paths[ctx.rank :: ctx.world_size])
+    """Exact stats over ``paths``, sharded r::W across ranks and summed (identity alone).
+
+    ``source``: where pixels come from (the training decoder or the decoded cache, which
+    this pass then fills); by default a full decode, resized to ``resize``.
+    """
+    shard = range(ctx.rank, len(paths), ctx.world_size)
     loader = DataLoader(
-        _HistDataset(shard, resize, skip_bad),
+        _HistDataset(paths, shard, source or Decoder(tuple(resize or ())), skip_bad),
         batch_size=1,
         num_workers=num_workers,
         collate_fn=_first,
@@ -130,13 +135,14 @@ def compute_stats(
     )
 
 
-def stats_cache_path(samples: Samples, resize: Sequence[int], cache_dir: str | Path) -> Path:
-    """One cache file per (image list, each file's size and mtime, resize).
+def stats_cache_path(samples: Samples, decoder: Decoder, cache_dir: str | Path) -> Path:
+    """One cache file per (image list, each file's size and mtime, resize and decoder).
 
     A file replaced under the same name changes the key, so stats are never stale.
     """
     files = [(p, *_stat(p)) for p in samples.paths.tolist()]
-    key = dataset_key(len(samples), list(resize), *files)
+    extra = [decoder.key()] if decoder.fast_jpeg and decoder.resize else []  # a reduced-size decode
+    key = dataset_key(len(samples), list(decoder.resize), *extra, *files)
     return Path(cache_dir) / f"stats-{key}.json"
 
 
@@ -149,23 +155,23 @@ def _stat(path: str) -> tuple[int, int]:
 
 
 def cached_stats(
-    samples: Samples,
-    ctx: DistContext,
-    *,
-    resize: Sequence[int],
-    cache_dir: str | Path,
-    num_workers: int,
-    skip_bad: bool,
+    samples: Samples, ctx: DistContext, data: DataSection, source: PixelSource | None = None
 ) -> Stats:
-    """``data.mean = 'auto'``: load the dataset's stats, or compute them once and cache."""
-    path = stats_cache_path(samples, resize, cache_dir)
+    """``data.mean = 'auto'``: load the dataset's stats (``data.stats_cache``), or compute them once.
+
+    Stats are of the pixels training sees: ``data``'s decoder's, or ``source``'s (the decoded
+    cache, which this pass then fills).
+    """
+    decoder, cache_dir = Decoder.from_config(data), data.stats_cache
+    num_workers, skip_bad = data.num_workers, data.on_bad_image == "skip"
+    path = stats_cache_path(samples, decoder, cache_dir)
     found = broadcast_object(ctx, _load(path) if ctx.is_main else None)
     if found is not None:
         log.info("dataset stats from cache %s", path)
         return found
     log.info("computing exact dataset stats over %d images (cached in %s)", len(samples), path)
     stats = compute_stats(
-        samples.paths.tolist(), ctx, resize=resize or None, num_workers=num_workers, skip_bad=skip_bad
+        samples.paths.tolist(), ctx, num_workers=num_workers, skip_bad=skip_bad, source=source or decoder
     )
     if ctx.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)

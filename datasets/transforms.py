@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ warnings.filterwarnings(
     category=DeprecationWarning,
 )
 TV_DECODED = (".png", ".jpg", ".jpeg")  # torchvision.io decoders; others go through PIL
+JPEG = (".jpg", ".jpeg")
 
 
 class BadImageError(ValueError):
@@ -45,10 +47,12 @@ def _to_rgb_uint8(img: torch.Tensor) -> torch.Tensor:
     return img[:3].contiguous()
 
 
-def _pil_decode(path: str) -> torch.Tensor:
+def _pil_decode(path: str, draft: Sequence[int] | None = None) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
+        if draft and im.format == "JPEG":  # libjpeg's DCT scaling: 1/2, 1/4, 1/8, never below draft
+            im.draft(None, (int(draft[1]), int(draft[0])))
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.int64)
@@ -62,10 +66,16 @@ def _pil_decode(path: str) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_uint8(path: str | Path) -> torch.Tensor:
-    """Read an image as a (3, H, W) uint8 tensor; gray, RGBA and 16-bit are converted."""
+def decode_uint8(path: str | Path, draft: Sequence[int] | None = None) -> torch.Tensor:
+    """Read an image as a (3, H, W) uint8 tensor; gray, RGBA and 16-bit are converted.
+
+    ``draft`` (H, W): a JPEG may come back smaller, down to 1/8 of its size but never below
+    ``draft`` in either side (libjpeg decodes fewer DCT coefficients: several times faster).
+    """
     path = str(path)
     try:
+        if draft and path.lower().endswith(JPEG):
+            return _pil_decode(path, draft)
         if path.lower().endswith(TV_DECODED):
             from torchvision.io import ImageReadMode, decode_image, read_file
 
@@ -75,6 +85,45 @@ def decode_uint8(path: str | Path) -> torch.Tensor:
     except (RuntimeError, OSError, ValueError, SyntaxError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadImageError(f"cannot decode {path}: {first}") from e
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) from the file's header, without decoding its pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImageError(f"cannot read the size of {path}: {e}") from e
+    return h, w
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """The deterministic part of every pipeline: a file -> (3, H, W) uint8 at ``data.resize``.
+
+    The same function fills the decoded cache and serves a run without it, so batches are
+    identical either way. The transforms that follow resize again to the same size, which
+    torchvision returns unchanged (no second interpolation).
+    """
+
+    resize: tuple[int, ...] = ()
+    fast_jpeg: bool = False
+
+    @staticmethod
+    def from_config(data: DataSection) -> Decoder:
+        return Decoder(tuple(data.resize), data.fast_jpeg)
+
+    def key(self) -> str:
+        """What decides the pixels (part of the cache's name)."""
+        return f"resize={list(self.resize)},fast_jpeg={self.fast_jpeg and bool(self.resize)}"
+
+    def __call__(self, path: str, index: int = -1) -> torch.Tensor:
+        img = decode_uint8(path, self.resize if self.fast_jpeg else None)
+        if self.resize:
+            img = v2.functional.resize(img, list(self.resize), antialias=True)
+        return img
 
 
 def _compose(steps: list[torch.nn.Module]) -> torch.nn.Module:

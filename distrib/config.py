@@ -198,6 +198,18 @@ class DataSection:
     pad_variable: bool = _f(False, "Batch images of different sizes by padding (with a mask).")
     channels_last: bool = _f(False, "Hand the model channels_last batches.")
     stats_cache: str = _f(".cache/stats", "Where mean = 'auto' stores computed stats per dataset.")
+    cache: str = _f(
+        "off",
+        "disk = keep decoded, resized pixels in one memory-mapped file under cache_dir, filled in "
+        "the first epoch (or by `launch.py cache`) and read by every worker and rank after; off = "
+        "decode every image every epoch.",
+        choices=("off", "disk"),
+    )
+    fast_jpeg: bool = _f(
+        True,
+        "Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when data.resize is at most "
+        "that share of the source, then resize; false = always decode at full size.",
+    )
 
     def __post_init__(self) -> None:
         errors = []

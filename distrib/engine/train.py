@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from datasets.build import DataSplit, build_split, normalization
+from datasets.build import DataSplit, build_split, normalization, pixel_sources
 from datasets.folder import write_class_map
 from datasets.loader import LoaderSpec, build_loader, worker_death
 from datasets.preview import write_preview
@@ -57,10 +57,11 @@ log = logging.getLogger(__name__)
 
 def build_feed(ctx: DistContext, cfg: Config, split: DataSplit) -> Feed:
     """This rank's training and validation loaders, the normalisation and the classes."""
-    mean, std = normalization(ctx, cfg, split)
+    sources = pixel_sources(ctx, cfg, split)  # the decoded cache, filled by the stats pass or epoch 1
+    mean, std = normalization(ctx, cfg, split, sources)
     train_spec, val_spec = LoaderSpec.from_config(cfg, train=True), LoaderSpec.from_config(cfg, train=False)
-    train = build_loader(split.train, train_transform(cfg.data), ctx, train_spec)
-    val = build_loader(split.val, eval_transform(cfg.data), ctx, val_spec)
+    train = build_loader(split.train, train_transform(cfg.data), ctx, train_spec, sources.train)
+    val = build_loader(split.val, eval_transform(cfg.data), ctx, val_spec, sources.val)
     check_batch_fits(ctx, cfg, len(train.sampler), len(split.train))
     return Feed(train, val, tuple(mean), tuple(std), split.classes)
 

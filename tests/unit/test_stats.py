@@ -12,6 +12,8 @@ from PIL import Image
 
 from datasets.folder import Samples
 from datasets.stats import cached_stats, compute_stats, stats_cache_path
+from datasets.transforms import Decoder
+from distrib.config import DataSection
 from distrib.context import DistContext
 
 
@@ -68,22 +70,24 @@ def test_auto_stats_are_cached_per_dataset(tmp_path: Path) -> None:
     paths = mixed_images(tmp_path, 3)
     samples = Samples(np.array(paths), np.zeros(3, dtype=np.int64), ("a",))
     first = cached_stats(
-        samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0, skip_bad=False
+        samples, DistContext(), DataSection(stats_cache=str(tmp_path / "c"), num_workers=0, fast_jpeg=False)
     )
-    path = stats_cache_path(samples, (), tmp_path / "c")
+    path = stats_cache_path(samples, Decoder(), tmp_path / "c")
     raw = json.loads(path.read_text())
     raw["mean"] = [0.5, 0.5, 0.5]  # mark the file: a second call must read it, not recompute
     path.write_text(json.dumps(raw))
     again = cached_stats(
-        samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0, skip_bad=False
+        samples, DistContext(), DataSection(stats_cache=str(tmp_path / "c"), num_workers=0, fast_jpeg=False)
     )
     assert again.mean == (0.5, 0.5, 0.5) and again.std == first.std
     other = Samples(np.array(paths[:2]), np.zeros(2, dtype=np.int64), ("a",))
-    assert stats_cache_path(other, (), tmp_path / "c") != path
+    assert stats_cache_path(other, Decoder(), tmp_path / "c") != path
     path.write_text("{broken")
     assert (
         cached_stats(
-            samples, DistContext(), resize=(), cache_dir=tmp_path / "c", num_workers=0, skip_bad=False
+            samples,
+            DistContext(),
+            DataSection(stats_cache=str(tmp_path / "c"), num_workers=0, fast_jpeg=False),
         ).mean
         == first.mean
     )

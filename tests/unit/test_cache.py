@@ -1,0 +1,189 @@
+"""The decoded-image cache with real image files, real memory maps and real DataLoader workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, clean_env
+from PIL import Image
+
+from datasets.cache import EMPTY, FILLED, CachedSource, open_cache, plan_cache
+from datasets.folder import Samples
+from datasets.loader import LoaderSpec, build_loader
+from datasets.transforms import Decoder, decode_uint8, eval_transform, train_transform
+from distrib.config import load_config
+from distrib.context import DistContext
+from distrib.errors import LaunchError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def images(
+    folder: Path, n: int, size: tuple[int, int] = (40, 48), ext: str = "png", seed: int = 0
+) -> Samples:
+    """``n`` random RGB images in two classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:03d}.{ext}"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return Samples(np.array(paths), np.arange(n, dtype=np.int64) % 2, ("a", "b"))
+
+
+def cfg_data(*sets: str):
+    return load_config(None, list(sets)).data
+
+
+def batches(
+    samples: Samples, data, source, workers: int, epoch: int, train: bool = True
+) -> list[torch.Tensor]:
+    spec = LoaderSpec(
+        seed=7, batch_size=4, num_workers=workers, train=train, decoder=Decoder.from_config(data)
+    )
+    tf = train_transform(data) if train else eval_transform(data)
+    loader = build_loader(samples, tf, DistContext(), spec, source)
+    return [b.images for b in loader.epoch(epoch)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_bit_identical_with_the_cache_on_or_off(tmp_path: Path, workers: int) -> None:
+    samples = images(tmp_path / "img", 10)
+    data = cfg_data("data.resize=[24, 20]", "data.crop=[16, 16]", "data.hflip=0.5", "data.vflip=0.5",
+                    "data.rotation=10")  # fmt: skip
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder.from_config(data))
+    source = CachedSource(cache, cache.slots(samples))
+    for epoch in (0, 1):  # epoch 0 fills the cache, epoch 1 reads it
+        off = batches(samples, data, None, workers, epoch)
+        on = batches(samples, data, source, workers, epoch)
+        assert len(on) == len(off) and all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
+    assert cache.filled() == len(samples)  # the workers' writes landed in the one shared file
+    val_off = batches(samples, data, None, workers, 0, train=False)
+    val_on = batches(samples, data, source, workers, 0, train=False)
+    assert all(torch.equal(a, b) for a, b in zip(val_on, val_off, strict=True))
+
+
+def test_a_filled_slot_is_read_not_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = images(tmp_path / "img", 3)
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder((16, 16)))
+    first = cache.get(1, samples.paths[1])
+    monkeypatch.setattr(Decoder, "__call__", lambda *a: pytest.fail("decoded a cached image"))
+    assert torch.equal(cache.get(1, samples.paths[1]), first)
+
+
+def test_a_half_written_slot_is_decoded_again(tmp_path: Path) -> None:
+    """What a writer killed mid-image leaves: pixels partly written, the slot not yet FILLED."""
+    samples = images(tmp_path / "img", 3)
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder((16, 16)))
+    pixels, entries = cache._open()
+    pixels[2, :, :8] = 255  # half an image of garbage, then the writer died
+    entries[2, 0] = EMPTY
+    truth = Decoder((16, 16))(samples.paths[2])
+    assert torch.equal(cache.get(2, samples.paths[2]), truth)
+    assert entries[2, 0] == FILLED
+
+
+def test_a_changed_file_is_decoded_again(tmp_path: Path) -> None:
+    samples = images(tmp_path / "img", 3)
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder((16, 16)))
+    old = cache.get(0, samples.paths[0])
+    Image.fromarray(np.full((40, 48, 3), 7, dtype=np.uint8)).save(samples.paths[0])
+    st = os.stat(samples.paths[0])
+    os.utime(samples.paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    new = cache.get(0, samples.paths[0])
+    assert not torch.equal(new, old) and int(new.min()) == int(new.max()) == 7
+    reopened = open_cache(DistContext(), [samples], tmp_path / "c", Decoder((16, 16)))  # the same folder
+    assert reopened.plan.folder == cache.plan.folder and torch.equal(reopened.get(0, samples.paths[0]), new)
+
+
+def test_another_size_or_decoder_is_another_cache(tmp_path: Path) -> None:
+    samples = images(tmp_path / "img", 2)
+    folders = {plan_cache([samples], tmp_path, d).folder for d in (Decoder((16, 16)), Decoder((8, 8)))}
+    jpgs = images(tmp_path / "jpg", 2, ext="jpg")
+    folders |= {
+        plan_cache([jpgs], tmp_path, d).folder for d in (Decoder((8, 8), True), Decoder((8, 8), False))
+    }
+    assert len(folders) == 4
+
+
+def test_a_cache_without_resize_takes_the_images_size(tmp_path: Path) -> None:
+    samples = images(tmp_path / "img", 2, size=(30, 20))
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder())
+    assert cache.plan.shape == (3, 30, 20)
+    assert torch.equal(cache.get(0, samples.paths[0]), decode_uint8(samples.paths[0]))
+
+
+def test_mixed_sizes_without_resize_are_refused_with_the_fix(tmp_path: Path) -> None:
+    a = images(tmp_path / "a", 3, size=(30, 20))
+    b = images(tmp_path / "b", 1, size=(10, 12))
+    with pytest.raises(LaunchError, match=r"30x20: 3 image\(s\).*10x12: 1 image.*data.resize = \[30, 20\]"):
+        open_cache(DistContext(), [a, b], tmp_path / "c", Decoder())
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())  # nothing written
+
+
+def test_an_unwritable_cache_folder_is_refused_with_the_fix(tmp_path: Path) -> None:
+    samples = images(tmp_path / "img", 2)
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(LaunchError, match=r"data.cache_dir .*file/c is not writable .*set data.cache_dir"):
+        open_cache(DistContext(), [samples], tmp_path / "file" / "c", Decoder((8, 8)))
+
+
+def test_a_cache_bigger_than_the_free_disk_is_refused_before_writing(tmp_path: Path) -> None:
+    """A real 64 kB tmpfs in a private mount namespace (unshare -rm); the cache needs 12 x 3 x 64 x 64."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user and mount namespaces) is not allowed here")
+    samples = images(tmp_path / "img", 12)
+    np.save(tmp_path / "paths.npy", samples.paths)
+    code = f"""
+import numpy as np
+from datasets.cache import open_cache
+from datasets.folder import Samples
+from datasets.transforms import Decoder
+from distrib.context import DistContext
+from distrib.errors import LaunchError
+paths = np.load({str(tmp_path / "paths.npy")!r})
+try:
+    open_cache(DistContext(), [Samples(paths, np.zeros(len(paths), dtype=np.int64), ("a",))],
+               {str(tmp_path / "small" / "c")!r}, Decoder((64, 64)))
+except LaunchError as e:
+    print(e)
+"""
+    (tmp_path / "small").mkdir()
+    (tmp_path / "try.py").write_text(code)
+    small = tmp_path / "small"
+    run = f"{sys.executable} {tmp_path / 'try.py'}"
+    script = f"mount -t tmpfs -o size=64k tmpfs {small} && {run} && ls -A {small / 'c'}"  # the folder only
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=REPO,
+                         env=clean_env(PYTHONPATH=str(REPO)), timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    message, listing = res.stdout.split("\n", 1)[0], res.stdout.split("\n", 1)[1]
+    assert "the decoded cache for 12 image(s) of 64x64 needs 144 kB more in" in message, message
+    assert "which has 64 kB free" in message, message
+    assert "free space there, set data.cache_dir to a bigger disk, set a smaller data.resize" in message
+    assert listing.strip() == "", f"something was written: {listing}"
+
+
+def test_the_cache_command_fills_every_image_and_a_rerun_decodes_none(tmp_path: Path) -> None:
+    from datasets.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "src", classes=2, per_class=6, size=16, seed=3)
+    src = tmp_path / "src"
+    out = tmp_path / "c"
+    sets = [f"data.csv={src / 'labels.csv'}", f"data.images={src / 'images'}", f"data.cache_dir={out}",
+            "data.resize=[12, 12]", f"run.out_dir={tmp_path / 'runs'}"]  # fmt: skip
+    cmd = [sys.executable, "launch.py", "cache", *(a for s in sets for a in ("--set", s))]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=clean_env(), timeout=90)
+    assert first.returncode == 0, first.stderr
+    assert "12 image(s) decoded in" in first.stderr and "0 were already there" in first.stderr, first.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=clean_env(), timeout=90)
+    assert "0 image(s) decoded in" in again.stderr and "12 were already there" in again.stderr, again.stderr
+    (folder,) = (tmp_path / "c").glob("decoded-*")
+    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, 3)
+    assert (entries[:, 0] == FILLED).all()
