@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REPO, TORCHRUN, clean_env, launch, reference_stats, run
 from PIL import Image
+
+from datasets.cache import FILLED
+from datasets.transforms import Decoder
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 
@@ -176,3 +184,87 @@ def test_data_commands_bad_input(tmp_path: Path) -> None:
     (tmp_path / "empty.toml").write_text("")
     res = launch("preview", "--config", str(tmp_path / "empty.toml"), "--set", f"run.out_dir={tmp_path}")
     assert res.returncode == 2 and "no data configured" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def same_size_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """21 images of one size, 3 classes, random colours."""
+    root = tmp_path_factory.mktemp("same")
+    rng = np.random.default_rng(4)
+    for i in range(21):
+        (root / f"c{i % 3}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+            root / f"c{i % 3}" / f"{i}.png"
+        )
+    return root
+
+
+def test_two_ranks_fill_one_cache_and_batches_match_the_uncached_ones(
+    same_size_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "result.json"
+    worker = str(REPO / "tests" / "dist" / "cache_worker.py")
+    res = run(
+        [
+            *TORCHRUN,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            worker,
+            str(same_size_folder),
+            str(tmp_path / "c"),
+            str(out),
+        ],
+        env=clean_env(PYTHONPATH=str(REPO)),
+        timeout=200,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    r0, r1 = r["ranks"]
+    assert r0["same"] and r1["same"], "cached batches differ from decoded ones"
+    assert r0["folder"] == r1["folder"] and len(r["folders"]) == 1, r["folders"]  # one file for the node
+    assert not set(r0["first"]) & set(r1["first"])  # each rank filled its own shard ...
+    assert r["filled"] == len(set(r0["seen"]) | set(r1["seen"]))  # ... into the same file
+
+
+def test_a_cache_fill_killed_midway_is_completed_by_a_rerun_and_never_half_read(
+    same_size_folder: Path, tmp_path: Path
+) -> None:
+    """SIGKILL `launch.py cache` while it writes; every slot it marked filled holds the full image."""
+    cmd = [sys.executable, "launch.py", "cache", "--set", f"data.root={same_size_folder}", "--set",
+           f"data.cache_dir={tmp_path / 'c'}", "--set", f"run.out_dir={tmp_path / 'runs'}"]  # fmt: skip
+    slow = clean_env(PYTHONPATH=str(REPO / "tests" / "fakes" / "slowdecode"))  # 50 ms per image
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=slow, start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        entries = None
+        while time.monotonic() < deadline:
+            found = list((tmp_path / "c").glob("decoded-*/entries.i64"))
+            if found:
+                entries = np.fromfile(found[0], dtype=np.int64).reshape(-1, 3)
+                if 3 <= (entries[:, 0] == FILLED).sum() < len(entries):
+                    break
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (folder,) = (tmp_path / "c").glob("decoded-*")
+    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, 3)
+    filled = entries[:, 0] == FILLED
+    assert 0 < filled.sum() < len(entries), "the kill did not land mid-fill"
+    paths = np.load(folder / "paths.npy")
+    pixels = np.fromfile(folder / "pixels.u8", dtype=np.uint8).reshape(len(paths), 3, 20, 24)
+    decode = Decoder()
+    for slot in np.flatnonzero(filled):
+        assert np.array_equal(pixels[slot], decode(str(paths[slot])).numpy()), f"slot {slot} half-written"
+    res = run(cmd, env=clean_env(), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{len(paths) - filled.sum()} image(s) decoded in" in res.stderr, res.stderr[-2000:]
+    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, 3)
+    pixels = np.fromfile(folder / "pixels.u8", dtype=np.uint8).reshape(len(paths), 3, 20, 24)
+    assert (entries[:, 0] == FILLED).all()
+    assert all(np.array_equal(pixels[s], decode(str(paths[s])).numpy()) for s in range(len(paths)))

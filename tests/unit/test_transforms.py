@@ -110,3 +110,32 @@ def test_variable_sizes_need_resize_or_padding() -> None:
     assert b.images.shape == (2, 3, 6, 5)
     assert b.mask is not None and b.mask[0].sum() == 20 and b.mask[1].sum() == 18
     assert (b.images[0, :, 4:, :] == 0).all() and (b.images[0, :, :4, :] == 1).all()
+
+
+def _smooth_jpeg(path: Path, h: int = 256, w: int = 192) -> Path:
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (h + w)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path, quality=90)
+    return path
+
+
+def test_a_jpeg_decodes_at_the_smallest_dct_scale_not_below_the_target(tmp_path: Path) -> None:
+    jpg = _smooth_jpeg(tmp_path / "a.jpg")
+    assert decode_uint8(jpg).shape == (3, 256, 192)
+    assert decode_uint8(jpg, draft=(64, 48)).shape == (3, 64, 48)  # 1/4
+    assert decode_uint8(jpg, draft=(100, 60)).shape == (3, 128, 96)  # 1/2: 1/4 would be below 100
+    assert decode_uint8(jpg, draft=(200, 60)).shape == (3, 256, 192)  # no scale fits
+    png = tmp_path / "a.png"
+    Image.open(jpg).save(png)
+    assert decode_uint8(png, draft=(64, 48)).shape == (3, 256, 192)  # not a JPEG: full size
+
+
+def test_fast_jpeg_is_close_to_a_full_decode_and_resize(tmp_path: Path) -> None:
+    from datasets.transforms import Decoder
+
+    jpg = _smooth_jpeg(tmp_path / "a.jpg")
+    fast, full = Decoder((60, 40), fast_jpeg=True)(str(jpg)), Decoder((60, 40), fast_jpeg=False)(str(jpg))
+    assert fast.shape == full.shape == (3, 60, 40)
+    mse = ((fast.double() - full.double()) ** 2).mean().item()
+    assert mse > 0 and 10 * np.log10(255**2 / mse) > 35  # different pixels, within 35 dB PSNR
+    assert torch.equal(Decoder((60, 40), fast_jpeg=False)(str(jpg)), full)  # deterministic
