@@ -3,9 +3,13 @@
 Same images, same workers, same batch, same run, alternating order, medians:
   (a) recipe: torchvision ImageFolder + PIL Resize((S, S)) + random flips + ToTensor + Normalize
   (b) ours:   uint8 decode + the same resize/flips on uint8 in workers, uint8 collate,
-              normalisation after the copy to the device (the main process on CPU)
-  (c) floor:  the same workers only decode to uint8 and collate
-and for statistics: exact histograms (ours) against the mean-of-per-image-std loop.
+              normalisation after the copy to the device (the main process on CPU); the first
+              epoch, which decodes every image
+  (c) floor:  the same workers only decode to uint8 (full size) and collate
+  (d) ours, an epoch after the first with the decoded cache warm: pixels read, not decoded
+and, when the images are JPEGs, (b) with data.fast_jpeg off (full-size decode, then resize).
+For statistics: exact histograms (ours, decoding; and from the warm cache) against the
+mean-of-per-image-std loop.
 """
 
 from __future__ import annotations
@@ -15,19 +19,22 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from datasets.cache import CachedSource, DecodedCache, open_cache
 from datasets.folder import scan_imagefolder
 from datasets.loader import LoaderSpec, build_loader
 from datasets.stats import compute_stats
-from datasets.transforms import Normalizer, decode_uint8, train_transform
+from datasets.transforms import JPEG, Decoder, Normalizer, decode_uint8, train_transform
 from distrib.bench.toolkit import markdown_table, run_rounds, write_results
-from distrib.config import load_config
+from distrib.config import DataSection, load_config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
 
@@ -39,7 +46,19 @@ def _device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def recipe_batches(root: str, size: int, batch: int, workers: int, device: torch.device) -> Iterable:
+@dataclass(frozen=True)
+class Pipe:
+    """What every loader of the benchmark shares: the images, the size, the batch, the workers."""
+
+    root: str
+    size: int
+    batch: int
+    workers: int
+    device: torch.device
+
+
+def recipe_batches(p: Pipe) -> Iterable:
+    root, size, batch, workers, device = p.root, p.size, p.batch, p.workers, p.device
     from torchvision import datasets as tvd
     from torchvision import transforms as T
 
@@ -63,18 +82,40 @@ def recipe_batches(root: str, size: int, batch: int, workers: int, device: torch
         yield x.to(device, non_blocking=True)
 
 
-def ours_batches(root: str, size: int, batch: int, workers: int, device: torch.device) -> Iterable:
-    cfg = load_config(None, [f"data.resize=[{size}, {size}]", "data.hflip=0.5", "data.vflip=0.5"])
-    ctx = DistContext(device=str(device))
-    loader = build_loader(
-        scan_imagefolder(root),
-        train_transform(cfg.data),
-        ctx,
-        LoaderSpec(seed=0, batch_size=batch, num_workers=workers, train=True),
+def ours_config(size: int, fast_jpeg: bool = True) -> DataSection:
+    sets = [
+        f"data.resize=[{size}, {size}]",
+        "data.hflip=0.5",
+        "data.vflip=0.5",
+        f"data.fast_jpeg={fast_jpeg}",
+    ]
+    return load_config(None, [s.lower() for s in sets]).data
+
+
+def ours_batches(
+    p: Pipe, *, fast_jpeg: bool = True, cache: DecodedCache | None = None, epoch: int = 0
+) -> Iterable:
+    """The training loader's batches of ``epoch``; from ``cache`` when given (as data.cache = 'disk')."""
+    batch, workers, device = p.batch, p.workers, p.device
+    data = ours_config(p.size, fast_jpeg)
+    samples = scan_imagefolder(p.root)
+    spec = LoaderSpec(
+        seed=0, batch_size=batch, num_workers=workers, train=True, decoder=Decoder.from_config(data)
     )
+    source = CachedSource(cache, cache.slots(samples)) if cache else None
+    loader = build_loader(samples, train_transform(data), DistContext(device=str(device)), spec, source)
     norm = Normalizer(MEAN, STD, device, reuse=True)  # as the training loop uses it
-    for b in loader.epoch(0):
+    for b in loader.epoch(epoch):
         yield norm(b.images.to(device, non_blocking=True))
+
+
+def warm_cache(p: Pipe, folder: Path) -> DecodedCache:
+    """A decoded cache of the images at ``p.size``, filled by one epoch of the training loader."""
+    decoder = Decoder.from_config(ours_config(p.size))
+    cache = open_cache(DistContext(), [scan_imagefolder(p.root)], folder, decoder)
+    for _ in ours_batches(p, cache=cache):
+        pass
+    return cache
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -88,12 +129,13 @@ class _Decode(torch.utils.data.Dataset):
         return decode_uint8(self.paths[i])
 
 
-def floor_batches(root: str, size: int, batch: int, workers: int, device: torch.device) -> Iterable:
+def floor_batches(p: Pipe) -> Iterable:
+    device = p.device
     loader = DataLoader(
-        _Decode(scan_imagefolder(root).paths.tolist()),
-        batch_size=batch,
+        _Decode(scan_imagefolder(p.root).paths.tolist()),
+        batch_size=p.batch,
         shuffle=True,
-        num_workers=workers,
+        num_workers=p.workers,
         pin_memory=device.type == "cuda",
     )
     for x in loader:
@@ -125,10 +167,16 @@ def naive_stats_seconds(root: str, workers: int) -> float:
     return time.perf_counter() - start
 
 
-def exact_stats_seconds(root: str, workers: int) -> float:
+def exact_stats_seconds(root: str, workers: int, cache: DecodedCache | None = None) -> float:
+    samples = scan_imagefolder(root)
+    source = CachedSource(cache, cache.slots(samples)) if cache else None
     start = time.perf_counter()
-    compute_stats(scan_imagefolder(root).paths.tolist(), DistContext(), num_workers=workers)
+    compute_stats(samples.paths.tolist(), DistContext(), num_workers=workers, source=source)
     return time.perf_counter() - start
+
+
+def is_jpeg(root: str) -> bool:
+    return str(scan_imagefolder(root).paths[0]).lower().endswith(JPEG)
 
 
 def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, size: int) -> int:
@@ -140,20 +188,27 @@ def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, si
         )
     dev = _device()
     n = len(scan_imagefolder(data))
-    shape = (size, batch, workers, dev)
-    loaders = {
-        "a_recipe": lambda: images_per_s(lambda: recipe_batches(data, *shape), dev),
-        "b_ours": lambda: images_per_s(lambda: ours_batches(data, *shape), dev),
-        "c_floor": lambda: images_per_s(lambda: floor_batches(data, *shape), dev),
-    }
-    tput = run_rounds(loaders, repeats)
-    stats = run_rounds(
-        {
-            "naive_stats_s": lambda: naive_stats_seconds(data, workers),
-            "exact_stats_s": lambda: exact_stats_seconds(data, workers),
-        },
-        repeats,
-    )
+    p = Pipe(data, size, batch, workers, dev)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="decoded-cache-", dir=out) as tmp:  # removed afterwards
+        cache = warm_cache(p, Path(tmp))
+        loaders = {
+            "a_recipe": lambda: images_per_s(lambda: recipe_batches(p), dev),
+            "b_ours": lambda: images_per_s(lambda: ours_batches(p), dev),
+            "c_floor": lambda: images_per_s(lambda: floor_batches(p), dev),
+            "d_ours_cached": lambda: images_per_s(lambda: ours_batches(p, cache=cache, epoch=1), dev),
+        }
+        if is_jpeg(data):
+            loaders["b_ours_full_jpeg"] = lambda: images_per_s(lambda: ours_batches(p, fast_jpeg=False), dev)
+        tput = run_rounds(loaders, repeats)
+        stats = run_rounds(
+            {
+                "naive_stats_s": lambda: naive_stats_seconds(data, workers),
+                "exact_stats_s": lambda: exact_stats_seconds(data, workers),
+                "exact_stats_cached_s": lambda: exact_stats_seconds(data, workers, cache),
+            },
+            repeats,
+        )
     every = {**tput, **stats}
     med = {k: statistics.median(v) for k, v in every.items()}
     rows = [
@@ -163,8 +218,12 @@ def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, si
     ratios = {
         "ours_vs_recipe": med["b_ours"] / med["a_recipe"],
         "ours_vs_floor": med["b_ours"] / med["c_floor"],
+        "cached_vs_recipe": med["d_ours_cached"] / med["a_recipe"],
         "stats_speedup": med["naive_stats_s"] / med["exact_stats_s"],
+        "cached_stats_speedup": med["naive_stats_s"] / med["exact_stats_cached_s"],
     }
+    if "b_ours_full_jpeg" in med:
+        ratios["fast_jpeg_vs_full_decode"] = med["b_ours"] / med["b_ours_full_jpeg"]
     meta = {
         "what": "data", "images": n, "device": str(dev), "workers": workers, "batch": batch, "size": size,
         "repeats": repeats, "cpu_count": os.cpu_count(), "ratios": ratios,

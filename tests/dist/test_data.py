@@ -131,8 +131,8 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
     for i in range(8):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-            root / f"c{i % 2}" / f"{i}.png"
-        )
+            root / f"c{i % 2}" / f"{i}.jpg"
+        )  # JPEG: the fast_jpeg on/off pair runs too
     res = launch(
         "bench",
         "data",
@@ -141,7 +141,7 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
         "--repeats",
         "1",
         "--size",
-        "64",
+        "32",
         "--batch",
         "4",
         "--workers",
@@ -158,11 +158,22 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
         "a_recipe",
         "b_ours",
         "c_floor",
+        "d_ours_cached",
+        "b_ours_full_jpeg",
         "naive_stats_s",
         "exact_stats_s",
+        "exact_stats_cached_s",
     }
-    assert set(data["meta"]["ratios"]) == {"ours_vs_recipe", "ours_vs_floor", "stats_speedup"}
+    assert set(data["meta"]["ratios"]) == {
+        "ours_vs_recipe",
+        "ours_vs_floor",
+        "cached_vs_recipe",
+        "stats_speedup",
+        "cached_stats_speedup",
+        "fast_jpeg_vs_full_decode",
+    }
     assert all(r["median"] > 0 for r in data["summary"])
+    assert not list((tmp_path / "r" / "b").glob("decoded-cache-*"))  # the bench's cache is removed
 
 
 def test_data_commands_bad_input(tmp_path: Path) -> None:
