@@ -11,6 +11,13 @@ from distrib.errors import LaunchError
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """A JPEG file's bytes, to be decoded on the training device (data.decode_on = 'cuda')."""
+
+    data: torch.Tensor  # (N,) uint8
+
+
+@dataclass(frozen=True)
 class Skipped:
     """An item whose file could not be decoded (data.on_bad_image = 'skip')."""
 
@@ -27,6 +34,14 @@ class Batch:
     indices: torch.Tensor  # (B,) int64 dataset indices
     mask: torch.Tensor | None = None  # (B, H, W) bool, True on real pixels (padding collate)
     skipped: list[Skipped] = field(default_factory=list)
+    # data.decode_on = 'cuda': the items' JPEG files, concatenated (one shared-memory block from a
+    # worker, not one file descriptor per image), and each file's length
+    encoded: torch.Tensor | None = None
+    encoded_sizes: tuple[int, ...] = ()
+
+    def files(self) -> list[torch.Tensor]:
+        """Each item's JPEG bytes (views of ``encoded``)."""
+        return [] if self.encoded is None else list(torch.split(self.encoded, list(self.encoded_sizes)))
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -39,6 +54,8 @@ class Batch:
             self.indices.pin_memory(),
             None if self.mask is None else self.mask.pin_memory(),
             self.skipped,
+            self.encoded,
+            self.encoded_sizes,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
@@ -51,6 +68,8 @@ class Batch:
             move(self.indices),
             None if self.mask is None else move(self.mask),
             self.skipped,
+            self.encoded,
+            self.encoded_sizes,
         )
 
 
@@ -75,6 +94,10 @@ def collate_uint8(items: list[tuple[torch.Tensor, int, int] | Skipped], pad: boo
     images = [it[0] for it in good]
     targets = torch.tensor([it[1] for it in good], dtype=torch.int64)
     indices = torch.tensor([it[2] for it in good], dtype=torch.int64)
+    if isinstance(images[0], Encoded):  # decoded later, on the device
+        placeholder = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        sizes = tuple(len(e.data) for e in images)
+        return Batch(placeholder, targets, indices, None, skipped, torch.cat([e.data for e in images]), sizes)
     sizes = {tuple(t.shape[1:]) for t in images}
     if len(sizes) == 1:
         # default_collate stacks straight into shared memory inside a worker, saving the

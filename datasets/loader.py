@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datasets.collate import Batch, Skipped, collate_uint8
+from datasets.collate import Batch, Encoded, Skipped, collate_uint8
+from datasets.device_decode import DeviceDecoder, device_decode_wanted
 from datasets.folder import Samples
 from datasets.samplers import BalancedSampler, ExactEvalSampler, TrainSampler
 from datasets.transforms import BadImageError, Decoder
@@ -48,12 +49,14 @@ class ImageDataset(Dataset):
         seed: int,
         on_bad_image: str = "error",
         source: PixelSource | None = None,
+        encoded: bool = False,
     ):
         self.samples = samples
         self.transform = transform
         self.seed = seed
         self.on_bad_image = on_bad_image
         self.source = source or Decoder()
+        self.encoded = encoded  # hand out the file's bytes: the batch is decoded on the device
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -61,6 +64,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | Skipped:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path = str(self.samples.paths[index])
+        if self.encoded:
+            return self._encoded(path, index)
         try:
             image = self.source(path, index)
         except BadImageError as e:
@@ -76,6 +81,17 @@ class ImageDataset(Dataset):
             image = self.transform(image)
         return image, int(self.samples.targets[index]), index
 
+    def _encoded(self, path: str, index: int) -> tuple[Encoded, int, int] | Skipped:
+        from torchvision.io import read_file
+
+        try:
+            data = read_file(path)
+        except (RuntimeError, OSError) as e:
+            if self.on_bad_image == "skip":
+                return Skipped(path, str(e))
+            raise LaunchError(f"cannot read {path}: {e}") from None
+        return Encoded(data), int(self.samples.targets[index]), index
+
 
 @dataclass
 class ImageLoader:
@@ -84,6 +100,7 @@ class ImageLoader:
     loader: DataLoader
     seed: int
     rank: int
+    device_decoder: DeviceDecoder | None = None  # data.decode_on = 'cuda'
 
     @property
     def sampler(self) -> Sampler:
@@ -99,7 +116,10 @@ class ImageLoader:
             self.loader.worker_init_fn.epoch = epoch
         if self.loader.generator is not None:
             self.loader.generator.manual_seed(loader_seed(self.seed, self.rank, epoch))
-        return unwrap_worker_errors(iter(self.loader))
+        batches = unwrap_worker_errors(iter(self.loader))
+        if self.device_decoder is None:
+            return batches
+        return (self.device_decoder(b, epoch) for b in batches)
 
 
 _ORIGINAL = re.compile(r"^(?:[\w.]+\.)?(LaunchError|BadImageError): (.*)$", re.S | re.M)
@@ -167,6 +187,7 @@ class LoaderSpec:
     on_bad_image: str = "error"
     pad_variable: bool = False
     decoder: Decoder = Decoder()  # file -> pixels at data.resize (the transform resizes otherwise)
+    decode_on_device: bool = False  # JPEG batches decoded on the rank's device (data.decode_on)
 
     @staticmethod
     def from_config(cfg: Config, *, train: bool) -> LoaderSpec:
@@ -182,6 +203,7 @@ class LoaderSpec:
             d.on_bad_image,
             d.pad_variable,
             Decoder.from_config(d),
+            d.decode_on == "cuda",
         )
 
 
@@ -198,7 +220,12 @@ def build_loader(
     ``source``: where pixels come from (the decoded cache); by default ``spec.decoder``.
     """
     seed, batch_size = spec.seed, spec.batch_size
-    dataset = ImageDataset(samples, transform, seed, spec.on_bad_image, source or spec.decoder)
+    on_device = (
+        spec.decode_on_device
+        and source is None
+        and device_decode_wanted(samples, spec.decoder.resize, "training" if spec.train else "validation")
+    )
+    dataset = ImageDataset(samples, transform, seed, spec.on_bad_image, source or spec.decoder, on_device)
     smp = make_sampler(samples, ctx, seed, spec.train, spec.sampler)
     if spec.train and len(smp) < batch_size and len(smp) > 0:
         log.warning("this rank's shard has %d images, fewer than batch_size %d", len(smp), batch_size)
@@ -214,4 +241,8 @@ def build_loader(
         persistent_workers=False,
         **loader_kw,
     )
-    return ImageLoader(loader, seed, ctx.rank)
+    skip = spec.on_bad_image == "skip"
+    gpu = (
+        DeviceDecoder(samples, transform, spec.decoder.resize, seed, ctx.device, skip) if on_device else None
+    )
+    return ImageLoader(loader, seed, ctx.rank, gpu)

@@ -205,6 +205,13 @@ class DataSection:
         "decode every image every epoch.",
         choices=("off", "disk"),
     )
+    decode_on: str = _f(
+        "cpu",
+        "cuda = decode JPEG batches on the GPU (torchvision.io.decode_jpeg), then resize and augment "
+        "there; needs data.resize; splits with other formats, CPU runs and data.cache = 'disk' decode "
+        "on the CPU (said once).",
+        choices=("cpu", "cuda"),
+    )
     fast_jpeg: bool = _f(
         True,
         "Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when data.resize is at most "

@@ -7,7 +7,8 @@ Same images, same workers, same batch, same run, alternating order, medians:
               epoch, which decodes every image
   (c) floor:  the same workers only decode to uint8 (full size) and collate
   (d) ours, an epoch after the first with the decoded cache warm: pixels read, not decoded
-and, when the images are JPEGs, (b) with data.fast_jpeg off (full-size decode, then resize).
+and, when the images are JPEGs, (b) with data.fast_jpeg off (full-size decode, then resize),
+and on a GPU (e) ours with data.decode_on = 'cuda' (nvJPEG batches, augmentation on the GPU).
 For statistics: exact histograms (ours, decoding; and from the warm cache) against the
 mean-of-per-image-std loop.
 """
@@ -93,15 +94,21 @@ def ours_config(size: int, fast_jpeg: bool = True) -> DataSection:
 
 
 def ours_batches(
-    p: Pipe, *, fast_jpeg: bool = True, cache: DecodedCache | None = None, epoch: int = 0
+    p: Pipe,
+    *,
+    fast_jpeg: bool = True,
+    cache: DecodedCache | None = None,
+    epoch: int = 0,
+    on_device: bool = False,
 ) -> Iterable:
-    """The training loader's batches of ``epoch``; from ``cache`` when given (as data.cache = 'disk')."""
+    """The training loader's batches of ``epoch``; from ``cache`` when given (as data.cache = 'disk');
+    ``on_device``: JPEG batches decoded on ``p.device`` (as data.decode_on = 'cuda')."""
     batch, workers, device = p.batch, p.workers, p.device
     data = ours_config(p.size, fast_jpeg)
     samples = scan_imagefolder(p.root)
-    spec = LoaderSpec(
-        seed=0, batch_size=batch, num_workers=workers, train=True, decoder=Decoder.from_config(data)
-    )
+    decoder = Decoder.from_config(data)
+    spec = LoaderSpec(seed=0, batch_size=batch, num_workers=workers, train=True, decoder=decoder,
+                      decode_on_device=on_device)  # fmt: skip
     source = CachedSource(cache, cache.slots(samples)) if cache else None
     loader = build_loader(samples, train_transform(data), DistContext(device=str(device)), spec, source)
     norm = Normalizer(MEAN, STD, device, reuse=True)  # as the training loop uses it
@@ -200,6 +207,8 @@ def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, si
         }
         if is_jpeg(data):
             loaders["b_ours_full_jpeg"] = lambda: images_per_s(lambda: ours_batches(p, fast_jpeg=False), dev)
+        if is_jpeg(data) and dev.type == "cuda":
+            loaders["e_ours_gpu_decode"] = lambda: images_per_s(lambda: ours_batches(p, on_device=True), dev)
         tput = run_rounds(loaders, repeats)
         stats = run_rounds(
             {
@@ -224,6 +233,8 @@ def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, si
     }
     if "b_ours_full_jpeg" in med:
         ratios["fast_jpeg_vs_full_decode"] = med["b_ours"] / med["b_ours_full_jpeg"]
+    if "e_ours_gpu_decode" in med:
+        ratios["gpu_decode_vs_ours"] = med["e_ours_gpu_decode"] / med["b_ours"]
     meta = {
         "what": "data", "images": n, "device": str(dev), "workers": workers, "batch": batch, "size": size,
         "repeats": repeats, "cpu_count": os.cpu_count(), "ratios": ratios,

@@ -13,6 +13,7 @@ One loop serves one process, DataParallel and DDP. What makes runs trustworthy:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from datasets.build import DataSplit, build_split, normalization, pixel_sources
+from datasets.build import DataSplit, Sources, build_split, normalization, pixel_sources
 from datasets.folder import write_class_map
 from datasets.loader import LoaderSpec, build_loader, worker_death
 from datasets.preview import write_preview
@@ -60,10 +61,24 @@ def build_feed(ctx: DistContext, cfg: Config, split: DataSplit) -> Feed:
     sources = pixel_sources(ctx, cfg, split)  # the decoded cache, filled by the stats pass or epoch 1
     mean, std = normalization(ctx, cfg, split, sources)
     train_spec, val_spec = LoaderSpec.from_config(cfg, train=True), LoaderSpec.from_config(cfg, train=False)
+    if train_spec.decode_on_device and not decode_on_device_here(ctx, sources):
+        train_spec = dataclasses.replace(train_spec, decode_on_device=False)
+        val_spec = dataclasses.replace(val_spec, decode_on_device=False)
     train = build_loader(split.train, train_transform(cfg.data), ctx, train_spec, sources.train)
     val = build_loader(split.val, eval_transform(cfg.data), ctx, val_spec, sources.val)
     check_batch_fits(ctx, cfg, len(train.sampler), len(split.train))
     return Feed(train, val, tuple(mean), tuple(std), split.classes)
+
+
+def decode_on_device_here(ctx: DistContext, sources: Sources) -> bool:
+    """data.decode_on = 'cuda' where it can run; says once why not."""
+    if not ctx.is_cuda:
+        log.info("data.decode_on = 'cuda': this rank runs on the CPU, so images decode on the CPU")
+        return False
+    if sources.train is not None:
+        log.info("data.decode_on = 'cuda': data.cache = 'disk' serves decoded pixels; nothing to decode")
+        return False
+    return True
 
 
 def micro_batches(run: Run) -> Iterator[tuple[bool, Any]]:

@@ -26,6 +26,13 @@ if [ -n "${BENCH_DATA:-}" ]; then
 else
   echo "no make_imagefolder.py and no BENCH_DATA: data benchmark skipped" | tee "$OUT/bench_data.txt"
 fi
+# JPEG at half size: fast_jpeg on/off and decoding on the GPU (data.decode_on = 'cuda')
+if [ -f "$MAKE" ] && $PY "$MAKE" "$OUT/mvtec-jpg" --classes 8 --per-class 12 --size 1024 --format jpg --imagefolder >/dev/null; then
+  $PY launch.py bench data --data "$OUT/mvtec-jpg/imagefolder" --size 512 --repeats 3 --workers 2 \
+    --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_data_jpg.txt"
+else
+  echo "no make_imagefolder.py: JPEG data benchmark skipped" | tee "$OUT/bench_data_jpg.txt"
+fi
 $PY launch.py bench overhead --set run.out_dir="$OUT/runs" 2>&1 | tee "$OUT/bench_overhead.txt"
 # every parallel mode on the GPUs present: one process per GPU for ddp/fsdp; on one GPU each mode
 # still runs its own code path (dp over one device, ddp/fsdp as a one-process group), without scaling
@@ -40,4 +47,5 @@ printf '%-28s %s\n' "bench overhead (gloo, CPU)" "$(grep 'overhead of the engine
 printf '%-28s %s\n' "memory monitor overhead" "$(grep 'overhead of the memory monitor' "$OUT/bench_overhead.txt" | cut -c1-100)"
 printf '%-28s\n' "bench parallel (GPU):"; grep -E '^\| (single|dp|ddp|fsdp) ' "$OUT/bench_parallel.txt" | cut -c1-150
 printf '%-28s %s\n' "bench data (ratios)" "$(grep -E 'ours_vs_recipe|skipped' "$OUT/bench_data.txt" | tail -n 1)"
+printf '%-28s %s\n' "bench data jpg 512 (ratios)" "$(grep -E 'ours_vs_recipe|skipped' "$OUT/bench_data_jpg.txt" | tail -n 1)"
 exit "$gpu_rc"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,32 @@ def test_pinned_uint8_batches_normalised_on_the_gpu(tmp_path: Path) -> None:
         assert batch.images.dtype == torch.uint8 and batch.images.is_pinned()
         on_gpu = gpu(batch.to("cuda:0").images)
         assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), cpu(batch.images), atol=1e-5)
+
+
+def test_jpeg_batches_decoded_on_the_gpu_match_the_cpu_path(tmp_path: Path) -> None:
+    """data.decode_on = 'cuda': nvJPEG batches, resized and augmented on the GPU, with the CPU
+    path's crops and flips (same per-item seeds) and pixels within nvJPEG's rounding."""
+    from datasets.folder import scan_imagefolder
+    from datasets.loader import LoaderSpec, build_loader
+    from datasets.transforms import Decoder, train_transform
+    from distrib.config import load_config
+    from distrib.context import DistContext
+
+    y, x = np.mgrid[0:256, 0:192]
+    for i in range(12):
+        folder = tmp_path / f"c{i % 2}"
+        folder.mkdir(exist_ok=True)
+        rgb = np.stack([(x * (i + 1)) % 256, (y + 9 * i) % 256, (x + y) % 256], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"{i}.jpg", quality=90)
+    samples = scan_imagefolder(tmp_path)
+    data = load_config(None, ["data.resize=[128, 96]", "data.crop=[64, 64]", "data.hflip=0.5"]).data
+    spec = LoaderSpec(seed=1, batch_size=4, num_workers=2, train=True, decoder=Decoder((128, 96)))
+    gpu = build_loader(samples, train_transform(data), DistContext(device="cuda:0", backend="nccl"),
+                       dataclasses.replace(spec, decode_on_device=True))  # fmt: skip
+    cpu = build_loader(samples, train_transform(data), DistContext(), spec)
+    assert gpu.device_decoder is not None
+    for a, b in zip(gpu.epoch(1), cpu.epoch(1), strict=True):
+        assert a.images.is_cuda and a.images.dtype == torch.uint8 and a.images.shape == b.images.shape
+        assert torch.equal(a.indices, b.indices)
+        mse = ((a.images.cpu().double() - b.images.double()) ** 2).mean().item()
+        assert mse == 0 or 10 * np.log10(255**2 / mse) > 30, f"PSNR {10 * np.log10(255**2 / mse):.1f} dB"
