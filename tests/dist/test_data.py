@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TORCHRUN, clean_env, launch, reference_stats, run
+from conftest import REPO, TORCHRUN, clean_env, launch, reference_stats, run, tiny, weights
 from PIL import Image
 
 from datasets.cache import FILLED
@@ -279,3 +279,24 @@ def test_a_cache_fill_killed_midway_is_completed_by_a_rerun_and_never_half_read(
     pixels = np.fromfile(folder / "pixels.u8", dtype=np.uint8).reshape(len(paths), 3, 20, 24)
     assert (entries[:, 0] == FILLED).all()
     assert all(np.array_equal(pixels[s], decode(str(paths[s])).numpy()) for s in range(len(paths)))
+
+
+def test_training_with_the_decoded_cache_ends_where_training_without_it_does(
+    demo: Path, tmp_path: Path
+) -> None:
+    """2 ranks, 2 workers each, 2 epochs: the first fills the cache, the second reads it."""
+    import torch
+
+    sets = ("train.epochs=2", "data.num_workers=2", "data.resize=[24, 24]", "data.hflip=0.5")
+    off = launch("train", "--nproc-per-node", "2", *tiny(demo, tmp_path, "off", *sets), timeout=200)
+    assert off.returncode == 0, off.stderr[-3000:]
+    cached = (*sets, "data.cache=disk", f"data.cache_dir={tmp_path / 'c'}")
+    on = launch("train", "--nproc-per-node", "2", *tiny(demo, tmp_path, "on", *cached), timeout=200)
+    assert on.returncode == 0, on.stderr[-3000:]
+    assert "decoded cache" in on.stderr and "120 image(s) of 24x24" in on.stderr, on.stderr[-2000:]
+    a, b = weights(tmp_path / "off"), weights(tmp_path / "on")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [(tmp_path / n / "metrics.csv").read_text() for n in ("off", "on")]
+    assert metrics[0].splitlines()[1:] and [r.split(",")[:5] for r in metrics[0].splitlines()] == [
+        r.split(",")[:5] for r in metrics[1].splitlines()
+    ]
