@@ -18,7 +18,7 @@ import torch
 from conftest import LAUNCH, REPO, TORCHRUN, clean_env, free_port, launch, tiny, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
-SETS = ("train.epochs=6", "checkpoint.every_steps=2", "checkpoint.keep_last=3")
+SETS = ("train.epochs=4", "checkpoint.every_steps=2", "checkpoint.keep_last=3")
 
 
 def steps_logged(run_dir: Path) -> int:
@@ -93,7 +93,7 @@ def test_a_killed_worker_restarts_and_resumes_exactly_under_our_launcher(
 ) -> None:
     """With DataLoader workers: a killed rank's workers hold copies of its sockets and must die
     with it; a killed DataLoader worker (the OOM killer's usual victim) is one line, then a restart."""
-    step = random.Random().randint(6, 24)
+    step = random.Random().randint(6, 16)
     proc = start([sys.executable, LAUNCH, "train", "--nproc-per-node", "2", "--max-restarts", "1",
                   *tiny(demo, tmp_path, "k", *SETS, "data.num_workers=2")])  # fmt: skip
     kill_a_rank_at(proc, tmp_path / "k", step, loader_worker=victim == "loader worker")
@@ -109,7 +109,7 @@ def test_a_killed_worker_restarts_and_resumes_exactly_under_our_launcher(
 def test_a_killed_worker_restarts_and_resumes_exactly_under_torchrun(
     demo: Path, reference: Path, tmp_path: Path
 ) -> None:
-    step = random.Random().randint(6, 24)
+    step = random.Random().randint(6, 16)
     endpoint = f"127.0.0.1:{free_port()}"
     agent = ["--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d"]
     proc = start(
@@ -187,7 +187,7 @@ def test_sigint_to_a_single_process_stops_at_a_step_and_resumes(demo: Path, tmp_
     again = launch(*args[2:], "--resume", "auto", timeout=200)
     assert again.returncode == 0, again.stderr[-3000:]
     steps = [r["step"] for r in csv.DictReader((tmp_path / "i" / "steps.csv").open())]
-    assert len(steps) == len(set(steps)) and int(steps[-1]) == 66  # 6 epochs x 11 steps, no row twice
+    assert len(steps) == len(set(steps)) and int(steps[-1]) == 44  # 4 epochs x 11 steps, no row twice
 
 
 def test_sigterm_to_torchruns_agent_stops_the_ranks_at_a_step(demo: Path, tmp_path: Path) -> None:
