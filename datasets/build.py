@@ -8,10 +8,9 @@ from pathlib import Path
 
 from datasets.cache import CachedSource, open_cache
 from datasets.folder import Samples, check_same_classes, dataset_key, scan_imagefolder, stratified_split
-from datasets.loader import PixelSource
 from datasets.organize import LabelCsv, organize
 from datasets.stats import cached_stats
-from datasets.transforms import Decoder
+from datasets.transforms import Decoder, PixelSource
 from distrib.config import Config, DataSection
 from distrib.context import DistContext
 from distrib.errors import LaunchError

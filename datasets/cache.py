@@ -41,7 +41,7 @@ from datasets.folder import Samples, dataset_key
 from datasets.transforms import BadImageError, Decoder, image_size
 from distrib.context import DistContext
 from distrib.errors import EchoedError, LaunchError
-from distrib.process_group import barrier, gather_objects
+from distrib.process_group import gather_objects
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the layout or the decoder's output changes: old caches are then ignored
@@ -162,6 +162,11 @@ def create(plan: CachePlan) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _holds(entry: np.ndarray, st: os.stat_result) -> bool:
+    """A slot's entry describes the file as it is now, and its pixels are complete."""
+    return bool(entry[0] == FILLED and entry[1] == st.st_size and entry[2] == st.st_mtime_ns)
+
+
 class DecodedCache:
     """One node's view of a cache: opened lazily in each process (workers map the same file)."""
 
@@ -196,8 +201,7 @@ class DecodedCache:
             st = os.stat(path)
         except OSError as e:
             raise BadImageError(f"cannot read {path}: {e.strerror}") from None
-        e = entries[slot]
-        if e[0] == FILLED and e[1] == st.st_size and e[2] == st.st_mtime_ns:
+        if _holds(entries[slot], st):
             return torch.from_numpy(np.array(pixels[slot]))
         image = self.plan.decoder(path)
         if tuple(image.shape) != self.plan.shape:
@@ -222,8 +226,7 @@ class DecodedCache:
             st = os.stat(self.plan.paths[slot])
         except OSError:
             return False
-        e = entries[slot]
-        return bool(e[0] == FILLED and e[1] == st.st_size and e[2] == st.st_mtime_ns)
+        return _holds(entries[slot], st)
 
 
 @dataclass(frozen=True)
@@ -255,11 +258,11 @@ def open_cache(
                 f"cannot create the decoded cache in {cache_dir}: {e}; "
                 "set data.cache_dir to a writable local folder, or data.cache = 'off'"
             )
+    # every rank waits here for its node's local rank 0 to have created the cache (no barrier needed)
     told = gather_objects(ctx, (err, plan.shape[1:] if plan else None))
     errors = [e for e, _ in told if e]
     if errors:
         raise LaunchError(err) if err else EchoedError(errors[0])
-    barrier(ctx)
     if plan is None:  # the size our node's local rank 0 found (ranks are numbered node by node)
         plan = plan_cache(samples, cache_dir, decoder, told[ctx.rank - ctx.local_rank][1])
     cache = DecodedCache(plan)

@@ -25,9 +25,8 @@ from torchvision.transforms import v2
 
 from datasets.collate import Batch, Skipped
 from datasets.folder import Samples
-from datasets.transforms import JPEG
+from datasets.transforms import JPEG, augment_seeded
 from distrib.errors import LaunchError
-from distrib.seeding import sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +101,7 @@ class DeviceDecoder:
                 skipped.append(Skipped(str(self.samples.paths[index]), "cannot decode"))
                 continue
             img = v2.functional.resize(img, self.resize, antialias=True)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, index))
-                images.append(self.transform(img))
+            images.append(augment_seeded(self.transform, img, self.seed, epoch, index))
             keep.append(pos)
         if not images:
             empty = torch.zeros(0, dtype=torch.int64)

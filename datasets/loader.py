@@ -22,16 +22,13 @@ from datasets.collate import Batch, Encoded, Skipped, collate_uint8
 from datasets.device_decode import DeviceDecoder, device_decode_wanted
 from datasets.folder import Samples
 from datasets.samplers import BalancedSampler, ExactEvalSampler, TrainSampler
-from datasets.transforms import BadImageError, Decoder
+from datasets.transforms import BadImageError, Decoder, PixelSource, augment_seeded
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
-from distrib.seeding import WorkerSeeder, loader_seed, sample_seed
+from distrib.seeding import WorkerSeeder, loader_seed
 
 log = logging.getLogger(__name__)
-
-
-PixelSource = Callable[[str, int], torch.Tensor]  # (path, sample index) -> (3, H, W) uint8
 
 
 class ImageDataset(Dataset):
@@ -76,9 +73,7 @@ class ImageDataset(Dataset):
                 "'skip' to leave such files out (they are listed in the run "
                 "directory)."
             ) from None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            image = self.transform(image)
+        image = augment_seeded(self.transform, image, self.seed, epoch, index)
         return image, int(self.samples.targets[index]), index
 
     def _encoded(self, path: str, index: int) -> tuple[Encoded, int, int] | Skipped:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,14 +21,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.folder import Samples, dataset_key
-from datasets.transforms import BadImageError, Decoder
+from datasets.transforms import BadImageError, Decoder, PixelSource
 from distrib.config import DataSection
 from distrib.context import DistContext
 from distrib.errors import LaunchError
 from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
 
 log = logging.getLogger(__name__)
-PixelSource = Callable[[str, int], torch.Tensor]  # (path, index) -> (3, H, W) uint8
 LEVELS = torch.arange(256, dtype=torch.float64) / 255.0
 
 

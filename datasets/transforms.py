@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from torchvision.transforms import v2
 
 from distrib.config import DataSection
+from distrib.seeding import sample_seed
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency here);
@@ -97,6 +98,22 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImageError(f"cannot read the size of {path}: {e}") from e
     return h, w
+
+
+PixelSource = Callable[[str, int], torch.Tensor]  # (path, sample index) -> (3, H, W) uint8
+
+
+def augment_seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int,
+                   epoch: int, index: int) -> torch.Tensor:  # fmt: skip
+    """``transform(image)`` under a forked CPU RNG seeded from (seed, epoch, index) alone.
+
+    Every path (workers on the CPU, batches decoded on the device) augments through here, so an
+    item gets the same crops and flips wherever it is decoded; v2 transforms draw their
+    parameters from the CPU generator.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(seed, epoch, index))
+        return transform(image)
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.cache import CachedSource, DecodedCache, open_cache
+from datasets.device_decode import all_jpeg
 from datasets.folder import scan_imagefolder
 from datasets.loader import LoaderSpec, build_loader
 from datasets.stats import compute_stats
-from datasets.transforms import JPEG, Decoder, Normalizer, decode_uint8, train_transform
+from datasets.transforms import Decoder, Normalizer, decode_uint8, train_transform
 from distrib.bench.toolkit import markdown_table, run_rounds, write_results
 from distrib.config import DataSection, load_config
 from distrib.context import DistContext
@@ -183,7 +184,7 @@ def exact_stats_seconds(root: str, workers: int, cache: DecodedCache | None = No
 
 
 def is_jpeg(root: str) -> bool:
-    return str(scan_imagefolder(root).paths[0]).lower().endswith(JPEG)
+    return all_jpeg(scan_imagefolder(root))
 
 
 def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, size: int) -> int:
