@@ -109,10 +109,12 @@ def augment_seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: tor
 
     Every path (workers on the CPU, batches decoded on the device) augments through here, so an
     item gets the same crops and flips wherever it is decoded; v2 transforms draw their
-    parameters from the CPU generator.
+    parameters from the CPU generator. Only that generator is seeded: ``torch.manual_seed`` would
+    also queue a seeding of every lazy accelerator module, formatting a stack trace each time
+    (about 2 ms an item inside a DataLoader, measured).
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(seed, epoch, index))
+        torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
         return transform(image)
 
 
@@ -187,7 +189,18 @@ class Normalizer:
     training loop consumes a batch (forward and backward) before asking for the next,
     so it can reuse; anything that keeps batches must not. CUDA's caching allocator
     already reuses memory, so there it changes nothing.
+
+    On the CPU (float32) the work runs block by block (1 MB of float32, one channel of one
+    image), converted and shifted in one numpy pass and scaled in a second while the block sits
+    in the core's L2 cache, on the calling thread only. Measured on 8 x 3 x 1024 x 1024, 2 cores:
+    23 ms of CPU against 33 ms for the three whole-tensor passes; with DataLoader workers busy on
+    both cores, torch's two intra-op threads made the whole-tensor passes cost 47 ms of CPU (and
+    the same blocks through torch 480 ms: every small op waits on a descheduled thread), the
+    numpy blocks still 23 ms. The arithmetic is the same, element by element (float32), so the
+    result is identical.
     """
+
+    BLOCK = 1 << 18  # elements per block on the CPU: 1 MB of float32
 
     def __init__(
         self,
@@ -211,13 +224,38 @@ class Normalizer:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         if not self.reuse:
             return x.to(dtype=self.dtype, memory_format=fmt)
+        return self._output_buffer(x).copy_(x)
+
+    def _output_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """Where the result goes: the reused buffer, or a fresh tensor (not filled)."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if not self.reuse:
+            return torch.empty(x.shape, dtype=self.dtype, device=x.device, memory_format=fmt)
         buf = self._buffer
         if buf is None or buf.shape != x.shape or buf.device != x.device:
             buf = self._buffer = torch.empty(x.shape, dtype=self.dtype, device=x.device, memory_format=fmt)
-        return buf.copy_(x)
+        return buf
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._output(x).sub_(self.mean).mul_(self.inv_std)
+        blocked = x.device.type == "cpu" and self.dtype == torch.float32 and not self.channels_last
+        if not blocked or x.dim() != 4 or x.dtype != torch.uint8 or x.numel() == 0:
+            return self._output(x).sub_(self.mean).mul_(self.inv_std)
+        return self._blocked(x)
+
+    def _blocked(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._output_buffer(x)
+        shift = self.mean.flatten().numpy()  # float32 scalars: float32 arithmetic, as torch's
+        scale = self.inv_std.flatten().numpy()
+        src = x.reshape(x.shape[0], x.shape[1], -1).numpy()
+        dst = out.view(out.shape[0], out.shape[1], -1).numpy()
+        n, step = src.shape[2], self.BLOCK
+        for i in range(src.shape[0]):
+            for c in range(src.shape[1]):
+                for k in range(0, n, step):
+                    a, b = src[i, c, k : k + step], dst[i, c, k : k + step]
+                    np.subtract(a, shift[c], out=b, dtype=np.float32)
+                    np.multiply(b, scale[c], out=b)
+        return out
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Back to uint8 (for previews)."""

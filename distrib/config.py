@@ -205,6 +205,14 @@ class DataSection:
         "decode every image every epoch.",
         choices=("off", "disk"),
     )
+    cache_read: str = _f(
+        "inline",
+        "How epochs read a warm decoded cache (every image of the split in it, current): inline = "
+        "read, augment and batch in the training process, no DataLoader worker processes (no fork "
+        "per epoch, no shared memory per batch: the fastest for flips and crops); workers = keep "
+        "the DataLoader workers (heavy per-image augmentation on a GPU host).",
+        choices=("inline", "workers"),
+    )
     decode_on: str = _f(
         "cpu",
         "cuda = decode JPEG batches on the GPU (torchvision.io.decode_jpeg), then resize and augment "

@@ -6,7 +6,8 @@ Same images, same workers, same batch, same run, alternating order, medians:
               normalisation after the copy to the device (the main process on CPU); the first
               epoch, which decodes every image
   (c) floor:  the same workers only decode to uint8 (full size) and collate
-  (d) ours, an epoch after the first with the decoded cache warm: pixels read, not decoded
+  (d) ours, an epoch after the first with the decoded cache warm: pixels read, not decoded, and
+      (data.cache_read = 'inline', the default) read, flipped and batched in this process
 and, when the images are JPEGs, (b) with data.fast_jpeg off (full-size decode, then resize),
 and on a GPU (e) ours with data.decode_on = 'cuda' (nvJPEG batches, augmentation on the GPU).
 For statistics: exact histograms (ours, decoding; and from the warm cache) against the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -13,10 +14,10 @@ import torch
 from conftest import REPO, clean_env
 from PIL import Image
 
-from datasets.cache import EMPTY, FILLED, CachedSource, open_cache, plan_cache
+from datasets.cache import EMPTY, FILLED, CachedSource, DecodedCache, open_cache, plan_cache
 from datasets.folder import Samples
 from datasets.loader import LoaderSpec, build_loader
-from datasets.transforms import Decoder, decode_uint8, eval_transform, train_transform
+from datasets.transforms import BadImageError, Decoder, decode_uint8, eval_transform, train_transform
 from distrib.config import load_config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
@@ -68,6 +69,52 @@ def test_batches_are_bit_identical_with_the_cache_on_or_off(tmp_path: Path, work
     val_off = batches(samples, data, None, workers, 0, train=False)
     val_on = batches(samples, data, source, workers, 0, train=False)
     assert all(torch.equal(a, b) for a, b in zip(val_on, val_off, strict=True))
+
+
+def _cached_loader(tmp_path: Path, workers: int, n: int = 10, inline: bool = True):
+    samples = images(tmp_path / "img", n)
+    data = cfg_data("data.resize=[24, 20]", "data.hflip=0.5")
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder.from_config(data))
+    spec = LoaderSpec(seed=7, batch_size=4, num_workers=workers, train=True,
+                      decoder=Decoder.from_config(data), cache_inline=inline)  # fmt: skip
+    source = CachedSource(cache, cache.slots(samples))
+    return samples, build_loader(samples, train_transform(data), DistContext(), spec, source)
+
+
+def test_a_warm_cache_is_read_in_process_and_a_changed_file_brings_the_workers_back(tmp_path: Path) -> None:
+    samples, loader = _cached_loader(tmp_path, workers=2)
+    assert loader.warm is not None and not loader.warm()
+    for _ in loader.epoch(0):  # cold: DataLoader worker processes decode and fill
+        assert multiprocessing.active_children()
+    assert loader.warm()
+    seen = [b.indices for b in loader.epoch(1)]  # warm: read here, no worker process starts
+    assert not multiprocessing.active_children() and len(seen) == len(loader)
+    assert sorted(torch.cat(seen).tolist()) == list(range(len(samples)))
+    st = os.stat(samples.paths[3])
+    os.utime(samples.paths[3], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert not loader.warm()
+    for _ in loader.epoch(2):  # one file changed: the workers decode it again
+        assert multiprocessing.active_children()
+    _, kept = _cached_loader(tmp_path / "w", workers=2, inline=False)  # data.cache_read = 'workers'
+    list(kept.epoch(0))
+    assert kept.warm is None
+    for _ in kept.epoch(1):
+        assert multiprocessing.active_children()
+
+
+def test_an_error_in_a_warm_epoch_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples, loader = _cached_loader(tmp_path, workers=2, n=16)
+    list(loader.epoch(0))
+    real = DecodedCache.get
+
+    def broken(self, slot: int, path: str) -> torch.Tensor:
+        if path == samples.paths[5]:
+            raise BadImageError(f"cannot read {path}: gone")
+        return real(self, slot, path)
+
+    monkeypatch.setattr(DecodedCache, "get", broken)
+    with pytest.raises(LaunchError, match=r"img005\.png: gone\. Replace or remove the file"):
+        list(loader.epoch(1))
 
 
 def test_a_filled_slot_is_read_not_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

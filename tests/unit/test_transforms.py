@@ -80,6 +80,22 @@ def test_normalizer_reuse_writes_into_one_buffer() -> None:
     assert norm(a[:1]).shape == (1, 3, 4, 4)  # another shape gets its own buffer
 
 
+def test_normalizer_blocks_on_the_cpu_give_the_whole_tensor_result(monkeypatch) -> None:
+    """The CPU path (per channel, block by block) is the same arithmetic as one broadcast pass."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = torch.randint(0, 256, (3, 3, 37, 29), dtype=torch.uint8)
+    m = torch.tensor([v * 255 for v in mean]).view(1, 3, 1, 1)
+    s = torch.tensor([1 / (v * 255) for v in std]).view(1, 3, 1, 1)
+    whole = x.float().sub_(m).mul_(s)
+    monkeypatch.setattr(Normalizer, "BLOCK", 100)  # several blocks per plane, a ragged last one
+    for reuse in (False, True):
+        norm = Normalizer(mean, std, "cpu", reuse=reuse)
+        assert torch.equal(norm(x), whole)
+        assert torch.equal(norm(x[1:]), whole[1:])  # a smaller batch
+    strided = x[:, :, ::2, ::3]  # not contiguous
+    assert torch.equal(Normalizer(mean, std, "cpu")(strided), strided.float().sub_(m).mul_(s))
+
+
 def test_transforms_from_config_keep_uint8() -> None:
     cfg = load_config(
         None, ["data.resize=[20, 16]", "data.crop=[8, 8]", "data.rotation=10", "data.vflip=0.5"]
