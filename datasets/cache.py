@@ -174,10 +174,9 @@ class DecodedCache:
         self.plan = plan
         self._pixels: np.ndarray | None = None
         self._entries: np.ndarray | None = None
-        self._fd: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # a memmap must not be pickled (it would copy)
-        return {"plan": self.plan, "_pixels": None, "_entries": None, "_fd": None}
+        return {"plan": self.plan, "_pixels": None, "_entries": None}
 
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         if self._pixels is None or self._entries is None:
@@ -185,22 +184,6 @@ class DecodedCache:
             self._pixels = np.memmap(self.plan.folder / "pixels.u8", np.uint8, "r+", shape=(n, *shape))
             self._entries = np.memmap(self.plan.folder / "entries.i64", np.int64, "r+", shape=(n, _ENTRY))
         return self._pixels, self._entries
-
-    def _read(self, slot: int) -> torch.Tensor:
-        """A slot's pixels, copied from the page cache with one pread.
-
-        Not through the memory map: a fresh DataLoader worker would page-fault every page of
-        every image it maps (a sixth of a cached epoch's CPU, measured); a read is one copy.
-        """
-        if self._fd is None:
-            self._fd = os.open(self.plan.folder / "pixels.u8", os.O_RDONLY)
-        out = torch.empty(self.plan.shape, dtype=torch.uint8)
-        size = out.numel()
-        got = os.preadv(self._fd, [out.numpy()], slot * size)
-        if got != size:
-            raise LaunchError(f"{self.plan.folder / 'pixels.u8'} is shorter than its {len(self.plan.paths)} "
-                              f"slots (truncated?); delete {self.plan.folder} and run again")  # fmt: skip
-        return out
 
     def slots(self, samples: Samples) -> np.ndarray:
         """Each sample's slot in the cache."""
@@ -219,7 +202,7 @@ class DecodedCache:
         except OSError as e:
             raise BadImageError(f"cannot read {path}: {e.strerror}") from None
         if _holds(entries[slot], st):
-            return self._read(slot)
+            return torch.from_numpy(np.array(pixels[slot]))
         image = self.plan.decoder(path)
         if tuple(image.shape) != self.plan.shape:
             raise LaunchError(
@@ -250,12 +233,7 @@ class DecodedCache:
 
     def current(self, slot: int) -> bool:
         """Slot ``slot`` holds the pixels of its file as it is now."""
-        _, entries = self._open()
-        try:
-            st = os.stat(self.plan.paths[slot])
-        except OSError:
-            return False
-        return _holds(entries[slot], st)
+        return self.all_current(np.array([slot]))
 
 
 @dataclass(frozen=True)
