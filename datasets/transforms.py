@@ -63,8 +63,8 @@ def _pil_decode(path: str, draft: Sequence[int] | None = None) -> torch.Tensor:
             arr = np.asarray(im, dtype=np.float64)
             arr = (arr - arr.min()) / max(float(np.ptp(arr)), 1e-12) * 255
             return _to_rgb_uint8(torch.from_numpy(arr.round().astype(np.uint8))[None])
-        rgb = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+        rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # one copy out of PIL
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
 def decode_uint8(path: str | Path, draft: Sequence[int] | None = None) -> torch.Tensor:

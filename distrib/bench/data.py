@@ -9,7 +9,8 @@ Same images, same workers, same batch, same run, alternating order, medians:
   (d) ours, an epoch after the first with the decoded cache warm: pixels read, not decoded, and
       (data.cache_read = 'inline', the default) read, flipped and batched in this process
 and, when the images are JPEGs, (b) with data.fast_jpeg off (full-size decode, then resize),
-and on a GPU (e) ours with data.decode_on = 'cuda' (nvJPEG batches, augmentation on the GPU).
+and on a GPU (e) ours with data.decode_on = 'cuda' (nvJPEG batches, augmentation on the GPU);
+on JPEG data also the decode + resize stage alone, fast vs full, on one core.
 For statistics: exact histograms (ours, decoding; and from the warm cache) against the
 mean-of-per-image-std loop.
 """
@@ -184,6 +185,21 @@ def exact_stats_seconds(root: str, workers: int, cache: DecodedCache | None = No
     return time.perf_counter() - start
 
 
+def decode_ms(root: str, size: int, fast_jpeg: bool, count: int = 48) -> float:
+    """Milliseconds per image of the decode + resize stage alone, one core (the first ``count`` files)."""
+    decoder = Decoder((size, size), fast_jpeg)
+    paths = scan_imagefolder(root).paths[:count].tolist()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for path in paths:
+            decoder(path)
+        return (time.perf_counter() - start) / len(paths) * 1000
+    finally:
+        torch.set_num_threads(threads)
+
+
 def is_jpeg(root: str) -> bool:
     return all_jpeg(scan_imagefolder(root))
 
@@ -212,14 +228,15 @@ def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, si
         if is_jpeg(data) and dev.type == "cuda":
             loaders["e_ours_gpu_decode"] = lambda: images_per_s(lambda: ours_batches(p, on_device=True), dev)
         tput = run_rounds(loaders, repeats)
-        stats = run_rounds(
-            {
-                "naive_stats_s": lambda: naive_stats_seconds(data, workers),
-                "exact_stats_s": lambda: exact_stats_seconds(data, workers),
-                "exact_stats_cached_s": lambda: exact_stats_seconds(data, workers, cache),
-            },
-            repeats,
-        )
+        timed = {
+            "naive_stats_s": lambda: naive_stats_seconds(data, workers),
+            "exact_stats_s": lambda: exact_stats_seconds(data, workers),
+            "exact_stats_cached_s": lambda: exact_stats_seconds(data, workers, cache),
+        }
+        if is_jpeg(data):
+            timed["decode_fast_jpeg_ms"] = lambda: decode_ms(data, size, True)
+            timed["decode_full_jpeg_ms"] = lambda: decode_ms(data, size, False)
+        stats = run_rounds(timed, repeats)
     every = {**tput, **stats}
     med = {k: statistics.median(v) for k, v in every.items()}
     rows = [
@@ -235,12 +252,13 @@ def main(out: Path, data: str | None, repeats: int, workers: int, batch: int, si
     }
     if "b_ours_full_jpeg" in med:
         ratios["fast_jpeg_vs_full_decode"] = med["b_ours"] / med["b_ours_full_jpeg"]
+        ratios["fast_jpeg_decode_stage"] = med["decode_full_jpeg_ms"] / med["decode_fast_jpeg_ms"]
     if "e_ours_gpu_decode" in med:
         ratios["gpu_decode_vs_ours"] = med["e_ours_gpu_decode"] / med["b_ours"]
     meta = {
         "what": "data", "images": n, "device": str(dev), "workers": workers, "batch": batch, "size": size,
         "repeats": repeats, "cpu_count": os.cpu_count(), "ratios": ratios,
-        "units": "loaders: images/s; stats: seconds",
+        "units": "loaders: images/s; stats: seconds; decode_*_ms: ms per image, one core",
     }  # fmt: skip
     write_results(out, rows, every, meta)
     sys.stdout.write(markdown_table(rows) + "\n" + json.dumps(ratios) + f"\nresults in {out}\n")

@@ -163,6 +163,8 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
         "naive_stats_s",
         "exact_stats_s",
         "exact_stats_cached_s",
+        "decode_fast_jpeg_ms",
+        "decode_full_jpeg_ms",
     }
     assert set(data["meta"]["ratios"]) == {
         "ours_vs_recipe",
@@ -171,6 +173,7 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
         "stats_speedup",
         "cached_stats_speedup",
         "fast_jpeg_vs_full_decode",
+        "fast_jpeg_decode_stage",
     }
     assert all(r["median"] > 0 for r in data["summary"])
     assert not list((tmp_path / "r" / "b").glob("decoded-cache-*"))  # the bench's cache is removed
