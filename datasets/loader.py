@@ -96,7 +96,7 @@ class ImageLoader:
     seed: int
     rank: int
     device_decoder: DeviceDecoder | None = None  # data.decode_on = 'cuda'
-    warm: Callable[[], bool] | None = None  # the decoded cache holds the whole split, current
+    warm: Callable[[], bool] | None = None  # the decoded cache holds the whole split
     _said_warm: bool = False
 
     @property

@@ -207,7 +207,7 @@ class DataSection:
     )
     cache_read: str = _f(
         "inline",
-        "How epochs read a warm decoded cache (every image of the split in it, current): inline = "
+        "How epochs read a warm decoded cache (every image of the split in it): inline = "
         "read, augment and batch in the training process, no DataLoader worker processes (no fork "
         "per epoch, no shared memory per batch: the fastest for flips and crops); workers = keep "
         "the DataLoader workers (heavy per-image augmentation on a GPU host).",

@@ -81,7 +81,9 @@ def _cached_loader(tmp_path: Path, workers: int, n: int = 10, inline: bool = Tru
     return samples, build_loader(samples, train_transform(data), DistContext(), spec, source)
 
 
-def test_a_warm_cache_is_read_in_process_and_a_changed_file_brings_the_workers_back(tmp_path: Path) -> None:
+def test_a_warm_cache_is_read_in_process_and_an_unfilled_slot_brings_the_workers_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     samples, loader = _cached_loader(tmp_path, workers=2)
     assert loader.warm is not None and not loader.warm()
     for _ in loader.epoch(0):  # cold: DataLoader worker processes decode and fill
@@ -90,11 +92,22 @@ def test_a_warm_cache_is_read_in_process_and_a_changed_file_brings_the_workers_b
     seen = [b.indices for b in loader.epoch(1)]  # warm: read here, no worker process starts
     assert not multiprocessing.active_children() and len(seen) == len(loader)
     assert sorted(torch.cat(seen).tolist()) == list(range(len(samples)))
+    Image.fromarray(np.full((40, 48, 3), 9, dtype=np.uint8)).save(samples.paths[3])  # a file changes
     st = os.stat(samples.paths[3])
     os.utime(samples.paths[3], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    decoded: list[str] = []
+    real = Decoder.__call__
+    monkeypatch.setattr(Decoder, "__call__", lambda self, p, i=-1: decoded.append(p) or real(self, p, i))
+    assert loader.warm()  # still warm by its flags: the read checks the file and decodes it again
+    images_of = {int(i): x for b in loader.epoch(2) for i, x in zip(b.indices, b.images, strict=True)}
+    assert decoded == [samples.paths[3]] and int(images_of[3].max()) == 9
+    assert not multiprocessing.active_children()
+    cache, slot = loader.warm.__self__.cache, int(loader.warm.__self__.slot_of[5])
+    cache._open()[1][slot, 0] = EMPTY  # an image the cache does not hold: the workers decode
     assert not loader.warm()
-    for _ in loader.epoch(2):  # one file changed: the workers decode it again
+    for _ in loader.epoch(3):
         assert multiprocessing.active_children()
+    assert loader.warm()
     _, kept = _cached_loader(tmp_path / "w", workers=2, inline=False)  # data.cache_read = 'workers'
     list(kept.epoch(0))
     assert kept.warm is None
