@@ -97,6 +97,7 @@ class ImageLoader:
     rank: int
     device_decoder: DeviceDecoder | None = None  # data.decode_on = 'cuda'
     warm: Callable[[], bool] | None = None  # the decoded cache holds the whole split
+    split: str = "training"  # or validation: named in what the loader says
     _said_warm: bool = False
 
     @property
@@ -116,8 +117,11 @@ class ImageLoader:
         if self.warm is not None and self.warm():
             if not self._said_warm:
                 self._said_warm = True
-                log.info("the decoded cache holds every image: epochs are read in this process, "
-                         "without DataLoader workers (data.cache_read = 'inline')")  # fmt: skip
+                log.info(
+                    "the decoded cache holds every %s image: its epochs are read in this process, "
+                    "without DataLoader workers (data.cache_read = 'inline')",
+                    self.split,
+                )
             return unwrap_worker_errors(inline_batches(self.loader))
         batches = unwrap_worker_errors(iter(self.loader))
         if self.device_decoder is None:
@@ -268,4 +272,4 @@ def build_loader(
         DeviceDecoder(samples, transform, spec.decoder.resize, seed, ctx.device, skip) if on_device else None
     )
     warm = getattr(source, "warm", None) if spec.cache_inline else None  # a CachedSource
-    return ImageLoader(loader, seed, ctx.rank, gpu, warm)
+    return ImageLoader(loader, seed, ctx.rank, gpu, warm, "training" if spec.train else "validation")
