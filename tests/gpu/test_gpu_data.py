@@ -72,3 +72,36 @@ def test_jpeg_batches_decoded_on_the_gpu_match_the_cpu_path(tmp_path: Path) -> N
         assert torch.equal(a.indices, b.indices)
         mse = ((a.images.cpu().double() - b.images.double()) ** 2).mean().item()
         assert mse == 0 or 10 * np.log10(255**2 / mse) > 30, f"PSNR {10 * np.log10(255**2 / mse):.1f} dB"
+
+
+def test_a_warm_cache_read_in_process_gives_pinned_batches_equal_to_the_cold_epoch(tmp_path: Path) -> None:
+    """data.cache_read = 'inline' on a GPU host: no DataLoader workers once the cache is warm, and
+    the batches are still pinned (for the asynchronous copy) and the workers' batches bit for bit."""
+    import multiprocessing
+
+    from datasets.cache import CachedSource, open_cache
+    from datasets.folder import scan_imagefolder
+    from datasets.loader import LoaderSpec, build_loader
+    from datasets.transforms import Decoder, train_transform
+    from distrib.config import load_config
+    from distrib.context import DistContext
+
+    rng = np.random.default_rng(2)
+    for i in range(12):
+        folder = tmp_path / "img" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    samples = scan_imagefolder(tmp_path / "img")
+    data = load_config(None, ["data.resize=[32, 32]", "data.hflip=0.5"]).data
+    ctx = DistContext(device="cuda:0", backend="nccl")
+    cache = open_cache(ctx, [samples], tmp_path / "c", Decoder((32, 32)))
+    spec = LoaderSpec(seed=3, batch_size=4, num_workers=2, train=True, decoder=Decoder((32, 32)))
+    source = CachedSource(cache, cache.slots(samples))
+    cold = build_loader(samples, train_transform(data), ctx, spec)  # no cache: workers decode
+    warm = build_loader(samples, train_transform(data), ctx, spec, source)
+    list(warm.epoch(0))  # fills the cache
+    assert warm.warm is not None and warm.warm()
+    expected = [b.images for b in cold.epoch(1)]
+    for a, b in zip(warm.epoch(1), expected, strict=True):
+        assert not multiprocessing.active_children()
+        assert a.images.is_pinned() and torch.equal(a.images, b)
