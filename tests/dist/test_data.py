@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, TORCHRUN, clean_env, launch, reference_stats, run, tiny, weights
 from PIL import Image
 
-from datasets.cache import FILLED
+from datasets.cache import ENTRY, FILLED
 from datasets.transforms import Decoder
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
@@ -257,7 +257,7 @@ def test_a_cache_fill_killed_midway_is_completed_by_a_rerun_and_never_half_read(
         while time.monotonic() < deadline:
             found = list((tmp_path / "c").glob("decoded-*/entries.i64"))
             if found:
-                entries = np.fromfile(found[0], dtype=np.int64).reshape(-1, 3)
+                entries = np.fromfile(found[0], dtype=np.int64).reshape(-1, ENTRY)
                 if 3 <= (entries[:, 0] == FILLED).sum() < len(entries):
                     break
             time.sleep(0.01)
@@ -267,7 +267,7 @@ def test_a_cache_fill_killed_midway_is_completed_by_a_rerun_and_never_half_read(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     (folder,) = (tmp_path / "c").glob("decoded-*")
-    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, 3)
+    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, ENTRY)
     filled = entries[:, 0] == FILLED
     assert 0 < filled.sum() < len(entries), "the kill did not land mid-fill"
     paths = np.load(folder / "paths.npy")
@@ -278,7 +278,7 @@ def test_a_cache_fill_killed_midway_is_completed_by_a_rerun_and_never_half_read(
     res = run(cmd, env=clean_env(), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{len(paths) - filled.sum()} image(s) decoded in" in res.stderr, res.stderr[-2000:]
-    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, 3)
+    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, ENTRY)
     pixels = np.fromfile(folder / "pixels.u8", dtype=np.uint8).reshape(len(paths), 3, 20, 24)
     assert (entries[:, 0] == FILLED).all()
     assert all(np.array_equal(pixels[s], decode(str(paths[s])).numpy()) for s in range(len(paths)))
@@ -303,3 +303,33 @@ def test_training_with_the_decoded_cache_ends_where_training_without_it_does(
     assert metrics[0].splitlines()[1:] and [r.split(",")[:5] for r in metrics[0].splitlines()] == [
         r.split(",")[:5] for r in metrics[1].splitlines()
     ]
+
+
+def test_a_damaged_decoded_cache_trains_as_the_cache_off_does(demo: Path, tmp_path: Path) -> None:
+    """Truncated, overwritten or its meta.json deleted between runs (other damage: test_cache.py):
+    the rerun warns, decodes again, and ends with the weights and val_acc of training without it."""
+    import torch
+
+    sets = ("train.epochs=1", "data.resize=[24, 24]")
+    off = launch("train", *tiny(demo, tmp_path, "off", *sets))
+    assert off.returncode == 0, off.stderr[-3000:]
+    cached = (*sets, "data.cache=disk", f"data.cache_dir={tmp_path / 'c'}", "run.overwrite=true")
+    fill = launch("train", *tiny(demo, tmp_path, "on", *cached))
+    assert fill.returncode == 0, fill.stderr[-3000:]
+    (folder,) = (tmp_path / "c").glob("decoded-*")
+    reference = json.loads((tmp_path / "off" / "summary.json").read_text())
+    pixels = folder / "pixels.u8"
+    damages = {
+        "truncated": lambda: os.truncate(pixels, pixels.stat().st_size // 2),
+        "overwritten": lambda: pixels.write_bytes(b"\x07" * pixels.stat().st_size),
+        "meta deleted": lambda: (folder / "meta.json").unlink(),
+    }  # fmt: skip
+    for what, do in damages.items():
+        do()
+        res = launch("train", *tiny(demo, tmp_path, "on", *cached))
+        assert res.returncode == 0, (what, res.stderr[-3000:])
+        assert "damaged" in res.stderr or "fail their checksum" in res.stderr, (what, res.stderr[-2000:])
+        summary = json.loads((tmp_path / "on" / "summary.json").read_text())
+        assert summary["val_acc"] == reference["val_acc"], what
+        a, b = weights(tmp_path / "off"), weights(tmp_path / "on")
+        assert all(torch.equal(a[k], b[k]) for k in a), what

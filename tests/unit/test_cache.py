@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, clean_env
 from PIL import Image
 
-from datasets.cache import EMPTY, FILLED, CachedSource, DecodedCache, open_cache, plan_cache
+from datasets.cache import EMPTY, ENTRY, FILLED, CachedSource, DecodedCache, open_cache, plan_cache
 from datasets.folder import Samples
 from datasets.loader import LoaderSpec, build_loader
 from datasets.transforms import BadImageError, Decoder, decode_uint8, eval_transform, train_transform
@@ -245,5 +245,94 @@ def test_the_cache_command_fills_every_image_and_a_rerun_decodes_none(tmp_path: 
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=clean_env(), timeout=90)
     assert "0 image(s) decoded in" in again.stderr and "12 were already there" in again.stderr, again.stderr
     (folder,) = (tmp_path / "c").glob("decoded-*")
-    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, 3)
+    entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, ENTRY)
     assert (entries[:, 0] == FILLED).all()
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def _filled_cache(tmp_path: Path, n: int = 6) -> tuple[Samples, Path, list[torch.Tensor]]:
+    """A cache with every slot filled (in this process), its folder, and the true pixels."""
+    samples = images(tmp_path / "img", n)
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder((16, 16)))
+    truth = [cache.get(i, p) for i, p in enumerate(samples.paths)]
+    assert cache.filled() == n
+    (folder,) = (tmp_path / "c").glob("decoded-*")
+    return samples, folder, truth
+
+
+def _reopened(tmp_path: Path, samples: Samples) -> list[torch.Tensor]:
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder((16, 16)))
+    return [cache.get(i, p) for i, p in enumerate(samples.paths)]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["pixels-half", "pixels-zero", "entries-half", "pixels-deleted", "entries-deleted", "meta-deleted",
+     "meta-other", "paths-deleted"],
+)  # fmt: skip
+def test_a_damaged_cache_is_rebuilt_with_a_warning_never_read(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    samples, folder, truth = _filled_cache(tmp_path)
+    name, how = damage.split("-")
+    target = folder / {"pixels": "pixels.u8", "entries": "entries.i64", "meta": "meta.json",
+                       "paths": "paths.npy"}[name]  # fmt: skip
+    if how == "deleted":
+        target.unlink()
+    elif how == "other":
+        target.write_text('{"format": 2, "count": 6, "shape": [3, 8, 8], "decoder": "x"}')
+    else:
+        os.truncate(target, target.stat().st_size // 2 if how == "half" else 0)
+    with caplog.at_level("WARNING", logger="datasets.cache"):
+        again = _reopened(tmp_path, samples)
+    assert all(torch.equal(a, b) for a, b in zip(again, truth, strict=True))
+    warned = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warned) == 1 and str(target) in warned[0], caplog.text
+    assert "building it again" in warned[0]
+    assert (folder / "pixels.u8").stat().st_size == 6 * 3 * 16 * 16  # rebuilt to its full size
+    assert not list((tmp_path / "c").glob(".*")), "the damaged copy was left behind"
+
+
+def test_overwritten_pixels_fail_their_checksum_and_are_decoded_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    samples, folder, truth = _filled_cache(tmp_path)
+    slot = 3 * 16 * 16
+    with open(folder / "pixels.u8", "r+b") as fh:  # bytes overwritten in slots 2 (one byte) and 4 (a run)
+        fh.seek(2 * slot + 100)
+        fh.write(bytes([(int(truth[2].reshape(-1)[100]) + 1) % 256]))
+        fh.seek(4 * slot + 10)
+        fh.write(b"\0" * 300)
+    with caplog.at_level("WARNING", logger="datasets.cache"):
+        again = _reopened(tmp_path, samples)
+    assert all(torch.equal(a, b) for a, b in zip(again, truth, strict=True))
+    assert "fail their checksum" in caplog.text and "img002" in caplog.text, caplog.text
+    fresh = DecodedCache(plan_cache([samples], tmp_path / "c", Decoder((16, 16))))
+    assert all(fresh.current(i) for i in range(6)), "the damaged slots were not written back"
+
+
+def test_swapped_blocks_change_the_checksum() -> None:
+    from datasets.cache import checksum
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 16, 17), dtype=np.uint8)  # 816 bytes: a tail of 0 words, odd sizes below
+    b = a.copy().reshape(-1)
+    b[:8], b[8:16] = a.reshape(-1)[8:16], a.reshape(-1)[:8]  # the plain sum is unchanged
+    assert checksum(a) != checksum(b.reshape(a.shape))
+    c = rng.integers(0, 256, (3, 5, 5), dtype=np.uint8)  # 75 bytes: 9 words and a 3-byte tail
+    d = c.copy()
+    d[2, 4, 4] ^= 1
+    assert checksum(c) != checksum(d)
+    assert checksum(c) == checksum(c.copy())
+
+
+def test_a_cache_file_cut_while_a_job_runs_is_one_line_not_zeros(tmp_path: Path) -> None:
+    samples, folder, _ = _filled_cache(tmp_path)
+    os.truncate(folder / "pixels.u8", 100)
+    late = DecodedCache(plan_cache([samples], tmp_path / "c", Decoder((16, 16))))  # a worker opening it now
+    with pytest.raises(LaunchError, match=r"pixels.u8 holds 100 bytes, not 4,608: it was changed") as e:
+        late.get(0, samples.paths[0])
+    assert "\n" not in str(e.value) and str(folder) in str(e.value)
+    assert (folder / "pixels.u8").stat().st_size == 100, "the map grew the file back"
