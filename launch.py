@@ -36,6 +36,7 @@ is why this module imports torch only inside functions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import os
@@ -322,18 +323,16 @@ def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inv
     )
 
 
-def worker_argv(args: argparse.Namespace, argv: list[str], cfg: Config) -> list[str]:
+def worker_argv(args: argparse.Namespace, argv: list[str], cfg: Config, name: str) -> list[str]:
     """The spawned workers' command line: ours without launcher flags, then the script's untouched.
 
-    The run directory's name is fixed here, so every rank and every restart of the elastic
+    The run directory's ``name`` is fixed here, so every rank and every restart of the elastic
     agent writes to the same one (a restarted ``train`` resumes from its checkpoints).
     """
     target = getattr(args, "target", None)
     ours = strip_launcher_flags(argv if target is None else args.ours)
-    if not cfg.run.name:  # fixed here, so every rank and every restart writes to the same directory
-        from distrib.worker import run_dir_name
-
-        ours += ["--set", f"run.name={run_dir_name(cfg, args.command)}"]
+    if not cfg.run.name:
+        ours += ["--set", f"run.name={name}"]
     return ours if target is None else ours + target_argv(target)
 
 
@@ -351,8 +350,12 @@ def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS reads it when CUDA starts
     plan, applied, inventory = prepare_devices(cfg, need_inventory=spawning)
     if spawning:
-        sp = spawn_plan(args, cfg, plan, inventory)
-        return spawn(sp, SCRIPT, worker_argv(args, argv, cfg))
+        from distrib.worker import run_dir_name
+
+        name = run_dir_name(cfg, args.command)
+        run_dir = str(Path(cfg.run.out_dir) / name)
+        sp = dataclasses.replace(spawn_plan(args, cfg, plan, inventory), run_dir=run_dir)
+        return spawn(sp, SCRIPT, worker_argv(args, argv, cfg, name))
     if nproc is not None:
         log.warning("--nproc-per-node ignored: this process is already a rank (torchrun)")
     from distrib.worker import run_recorded, run_worker
@@ -473,8 +476,6 @@ def value_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
 
 def command_config(args: argparse.Namespace, cfg: Config) -> Config:
     """run: the monitor always on; memcheck: on and failing (our job: ``--steps`` steps, no checkpoints)."""
-    import dataclasses
-
     if args.command not in ("run", "memcheck"):
         return cfg
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, enabled=True))

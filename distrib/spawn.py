@@ -11,11 +11,13 @@ which also avoids ``LaunchConfig``'s defaults that differ from torchrun's CLI
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from distrib.errors import LEAK_EXIT, LaunchError, user_error_names
 
@@ -47,6 +49,7 @@ class SpawnPlan:
     rdzv_endpoint: str | None = None
     rdzv_id: str = "none"
     max_restarts: int = 0
+    run_dir: str = ""  # the workers' run directory: its memory reports tell a leak's exit 3 from a script's
 
 
 def strip_launcher_flags(argv: Sequence[str]) -> list[str]:
@@ -129,7 +132,32 @@ def check_plan(plan: SpawnPlan) -> None:
         check_port_free(plan.master_port)
 
 
-def describe_failure(rank: int, failure: object) -> str:
+def leak_found(run_dir: str) -> bool | None:
+    """Whether the memory detector found a leak in ``run_dir`` (its ranks' memory_rank<N>.json);
+    None when no rank wrote a report there."""
+    found = None
+    for path in Path(run_dir).glob("memory_rank*.json") if run_dir else ():
+        try:
+            found = bool(found) or bool(json.loads(path.read_text()).get("leak"))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def exit_reason(exitcode: object, run_dir: str) -> str:
+    """What a worker's exit status without a recorded error means: exit 3 is a leak only when the
+    detector says so; a user's script may exit 3 for its own reasons."""
+    if exitcode != LEAK_EXIT:
+        return ""
+    leak = leak_found(run_dir)
+    if leak:
+        return "the memory detector found a leak (its verdict is above)"
+    if leak is False:
+        return f"{LEAK_EXIT} is the script's own exit code: the memory detector found no leak"
+    return ""
+
+
+def describe_failure(rank: int, failure: object, run_dir: str = "") -> str:
     """One paragraph naming the failed rank, its exit code and its error."""
     message = getattr(failure, "message", "")
     if isinstance(message, dict):
@@ -142,8 +170,8 @@ def describe_failure(rank: int, failure: object) -> str:
     kind, _, rest = str(message).partition(": ")
     if rest and kind in user_error_names():  # one of ours: the message is the whole story
         message = rest
-    if exitcode == LEAK_EXIT and not message:
-        message = "the memory detector found a leak (its verdict is above)"  # an exit status, not a crash
+    if not message:
+        message = exit_reason(exitcode, run_dir)  # an exit status, not a crash
     return (
         f"worker rank {rank} (local rank {local}, pid {pid}) failed with exit code {exitcode}: "
         f"{message or 'no Python error recorded (it exited with that status, or a signal killed it)'}"
@@ -166,7 +194,7 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        log.error("%s", describe_failure(rank, failure))
+        log.error("%s", describe_failure(rank, failure, plan.run_dir))
         code = getattr(failure, "exitcode", 1)
         return code if isinstance(code, int) and code > 0 else 1
     return 0

@@ -144,32 +144,59 @@ def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, 
     counter = StepCounter(monitor, max_steps)
     handle = register_optimizer_step_post_hook(counter)
     log.info("running %s %s under the memory monitor", target.name, " ".join(target.args))
-    code = 0
+    code, own = 0, True
     try:
         code = execute(target)
     except ScriptStop as stop:
-        code = stop.code
+        code, own = stop.code, False
         (log.error if stop.code else log.info)("%s", stop)
     finally:
         handle.remove()
         monitor.finish()
     if counter.steps == 0:
         log.info("the script made no optimizer step: memory was judged on %s samples", "time")
-    return conclude(ctx, run_dir, code, target)
+    return conclude(ctx, run_dir, Outcome(code, own), target)
 
 
-def conclude(ctx: DistContext, run_dir: Path, code: int, target: Target | None) -> int:
-    """Rank 0 puts the ranks side by side (summary.json, memory.png, the table)."""
+@dataclass(frozen=True)
+class Outcome:
+    """How a rank's job ended: its exit code, and whether the script chose it (``own``) or the
+    monitor stopped the script (a leak with on_leak = fail, memcheck's --steps)."""
+
+    code: int
+    own: bool = True
+
+    def explain(self, leak_ranks: list[int]) -> str:
+        """The line under the verdict table: where the exit code comes from."""
+        if leak_ranks and self.code == LEAK_EXIT and not self.own:
+            return f"exit {LEAK_EXIT}: the memory detector found a leak on rank(s) {leak_ranks}"
+        if self.code and self.own:
+            found = f"found a leak on rank(s) {leak_ranks}" if leak_ranks else "found no leak"
+            return f"exit {self.code}: the script's own exit code (the memory detector {found})"
+        warned = f": a leak on rank(s) {leak_ranks} (memory.on_leak = warn)" if leak_ranks else ""
+        return f"exit {self.code}{warned}"
+
+
+def conclude(ctx: DistContext, run_dir: Path, outcome: Outcome, target: Target | None) -> int:
+    """Rank 0 puts the ranks side by side (summary.json, memory.png, the table) and says where the
+    exit code comes from. It waits for the other ranks' reports only on a clean exit: after a
+    failure, the others may be blocked in a collective this rank will never join."""
     if not ctx.is_main:
-        return code
-    summary, reports = combine(run_dir, ctx.world_size)
-    record = {"memory": summary, "exit_code": code}
+        return outcome.code
+    summary, reports = combine(run_dir, ctx.world_size, wait_s=30.0 if outcome.code == 0 else 2.0)
+    record = {
+        "memory": summary,
+        "exit_code": outcome.code,
+        "exit_from": "script" if outcome.own else "monitor",
+        "leak": bool(summary["leak_ranks"]),
+    }
     if target is not None:
         record["target"] = {"name": target.name, "args": list(target.args)}
     (run_dir / "summary.json").write_text(json.dumps(record, indent=2))
-    sys.stdout.write(verdict_table(reports) + f"\nmemory files: {run_dir}\n")
+    line = outcome.explain(summary["leak_ranks"])
+    sys.stdout.write(verdict_table(reports) + f"\nmemory files: {run_dir}\n{line}\n")
     sys.stdout.flush()
-    return code
+    return outcome.code
 
 
 def memcheck_job(ctx: DistContext, cfg: Config, run_dir: Path, *, steps: int) -> int:
@@ -182,7 +209,7 @@ def memcheck_job(ctx: DistContext, cfg: Config, run_dir: Path, *, steps: int) ->
     except LeakError as e:
         log.error("%s", e)
         code = LEAK_EXIT
-    conclude(ctx, run_dir, code, None)
+    conclude(ctx, run_dir, Outcome(code, own=False), None)
     leak = any(json.loads(p.read_text())["leak"] for p in run_dir.glob("memory_rank*.json"))
     return LEAK_EXIT if leak else code
 

@@ -18,10 +18,20 @@ log = logging.getLogger(__name__)
 
 
 def rank_reports(run_dir: Path, world: int, wait_s: float = 30.0) -> list[dict[str, Any]]:
-    """The ranks' memory_rank<N>.json, waiting up to ``wait_s`` for ranks that finish later."""
-    deadline = time.monotonic() + wait_s
+    """The ranks' memory_rank<N>.json, waiting up to ``wait_s`` for ranks that finish later
+    (and saying so, after a second, naming the ranks it waits for)."""
+    start = time.monotonic()
     paths = [run_dir / f"memory_rank{r}.json" for r in range(world)]
-    while not all(p.exists() for p in paths) and time.monotonic() < deadline:
+    said = False
+    deadline = start + wait_s
+    while (missing := [r for r, p in enumerate(paths) if not p.exists()]) and time.monotonic() < deadline:
+        if not said and time.monotonic() > start + 1.0:
+            log.info(
+                "memory: waiting up to %.0f s more for the report of rank(s) %s (still running their script)",
+                deadline - time.monotonic(),
+                ",".join(map(str, missing)),
+            )
+            said = True
         time.sleep(0.1)
     reports = []
     for p in paths:
@@ -110,9 +120,9 @@ def plot(run_dir: Path, reports: list[dict[str, Any]]) -> Path | None:
     return path
 
 
-def combine(run_dir: Path, world: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def combine(run_dir: Path, world: int, wait_s: float = 30.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """summary and per-rank reports of the run; memory.png drawn beside them."""
-    reports = rank_reports(run_dir, world)
+    reports = rank_reports(run_dir, world, wait_s)
     if reports:
         plot(run_dir, reports)
     return summary(reports), reports

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,20 @@ def test_without_nvml_every_command_says_so_once(demo: Path, tmp_path: Path) -> 
         assert res.returncode == 0, res.stderr[-2000:]
         assert res.stderr.count(said) == 1
     assert "GPU: not monitored" in launch("env").stdout
+
+
+def test_a_scripts_own_exit_3_is_not_called_a_leak_and_no_rank_waits_unannounced(tmp_path: Path) -> None:
+    """Exit 3 is the leak status only when the detector found one; rank 0, whose script failed while
+    rank 1 waits in a barrier, does not wait 30 s for rank 1's memory report."""
+    sets = ("--set", f"run.out_dir={tmp_path}", "--set", "run.name=own")
+    start = time.monotonic()
+    res = launch("run", "--nproc-per-node", "2", *sets, str(SCRIPTS / "echo_args.py"),
+                 env=clean_env(EXIT_CODE="3", BLOCK_OTHERS="1"))  # fmt: skip
+    took = time.monotonic() - start
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "found a leak" not in res.stderr + res.stdout, res.stderr[-3000:]
+    assert "3 is the script's own exit code: the memory detector found no leak" in res.stderr, res.stderr
+    assert "exit 3: the script's own exit code (the memory detector found no leak)" in res.stdout
+    assert took < 25, f"{took:.0f} s: rank 0 waited for a report that could not come"
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert summary["exit_code"] == 3 and summary["exit_from"] == "script" and summary["leak"] is False

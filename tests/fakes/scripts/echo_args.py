@@ -1,4 +1,8 @@
-"""A user's script for `launch.py run`: prints its argv, exits with EXIT_CODE, fails on FAIL_RANK."""
+"""A user's script for `launch.py run`: prints its argv, exits with EXIT_CODE, fails on FAIL_RANK.
+
+BLOCK_OTHERS=1: every rank joins a gloo group; rank 0 exits with EXIT_CODE at once while the
+others wait in a barrier it never joins (a script that fails on one rank).
+"""
 
 import json
 import os
@@ -7,4 +11,10 @@ import sys
 print("ARGV", json.dumps(sys.argv[1:]), "RANK", os.environ.get("RANK"), "NAME", __name__, flush=True)
 if os.environ.get("FAIL_RANK") == os.environ.get("RANK", "0"):
     raise ValueError("bad value in the user's script")
+if os.environ.get("BLOCK_OTHERS") == "1":
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    if dist.get_rank() != 0:
+        dist.barrier()
 sys.exit(int(os.environ.get("EXIT_CODE", "0")))
