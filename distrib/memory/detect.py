@@ -131,6 +131,8 @@ CAUSES = {
     "tensors": "tensors kept alive from step to step (allocated memory grows)",
     "outside_torch": "memory outside torch's tensors (numpy arrays, C extensions, buffers)",
     "fragmentation": "the allocator's reserve grows while allocated memory is flat (fragmentation)",
+    "heap_pinned": "glibc's heap grows while its in-use bytes stay flat: small allocations kept from step "
+    "to step pin the heap above the activations freed between them (fragmentation)",
     "outside_torch_gpu": "GPU memory of this process outside torch (NCCL, cuDNN/cuBLAS workspaces, another "
     "CUDA context, CuPy)",
     "other_process": "another process on this GPU (device memory grows while this process is flat)",
@@ -138,7 +140,9 @@ CAUSES = {
 }
 ADVICE = {
     "tensors": "keep .item() or .detach() of what you store, not the tensor with its graph",
-    "fragmentation": "try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (CUDA), or fixed input sizes",
+    "fragmentation": "try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, or fixed input sizes",
+    "heap_pinned": "keep .item() or .tolist() of per-step values, not small tensors; or preallocate what "
+    "you keep (a tensor of n_steps written in place)",
     "other_process": "see `nvidia-smi` for the process; memory.require_free = true refuses such GPUs",
     "workers": "hold dataset samples in numpy arrays or tensors, not Python lists or dicts; or fewer workers",
     "outside_torch": "look for arrays or buffers appended every step",
@@ -148,7 +152,7 @@ ADVICE = {
 
 @dataclass(frozen=True)
 class Verdict:
-    """What a rank's memory did: a leak (with its cause) or not."""
+    """What a rank's memory did: a leak (with its cause), no leak, or not judged (too few points)."""
 
     leak: bool
     cause: str = ""  # a key of CAUSES
@@ -156,10 +160,33 @@ class Verdict:
     rate: float = 0.0  # bytes per step
     growth: float = 0.0  # bytes over the window
     steps: int = 0
+    unjudged: tuple[tuple[str, int], ...] = ()  # (series, points) measured too few times to judge
+
+    @property
+    def judged(self) -> bool:
+        """Some series had enough points to judge (a "no" is then evidence, not silence)."""
+        return self.leak or self.steps > 0
 
     @property
     def text(self) -> str:
-        return CAUSES.get(self.cause, "no sustained growth")
+        if self.leak:
+            return CAUSES.get(self.cause, self.cause)
+        if not self.judged:
+            return f"not judged: too few samples ({self.steps_seen})"
+        return "no sustained growth"
+
+    @property
+    def steps_seen(self) -> int:
+        return max((n for _, n in self.unjudged), default=0)
+
+    @property
+    def short(self) -> str:
+        """The verdict table's cell: YES, no, or not judged (with what was not judged)."""
+        if self.leak:
+            return "YES"
+        if not self.judged:
+            return f"not judged: too few samples ({self.steps_seen})"
+        return "no" + "".join(f"; {name} not judged: too few samples ({n})" for name, n in self.unjudged)
 
 
 # An allocator's reserve drifts up on healthy runs (glibc's heap by a few KiB per step,
@@ -186,8 +213,20 @@ def classify(
         limits = replace(th, rate=th.rate * k, total=th.total * k + allowance.get(name, 0.0))
         if t is not None and t.sustained(limits):
             return Verdict(True, cause, name, t.slope, t.growth, t.steps)
-    judged = max((t.steps for t in trends.values() if t is not None), default=0)
-    return Verdict(False, steps=judged)
+    judged = max((t.steps for t in trends.values() if t is not None and t.steps >= th.min_steps), default=0)
+    return Verdict(False, steps=judged, unjudged=too_few(steps, series, th))
+
+
+def too_few(
+    steps: Sequence[int], series: Mapping[str, Sequence[float | None]], th: Thresholds
+) -> tuple[tuple[str, int], ...]:
+    """The series measured (after warm-up) fewer than ``min_steps`` times: their "no" would be silence."""
+    out = []
+    for name, vals in series.items():
+        n = sum(1 for s, v in zip(steps, vals, strict=True) if v is not None and s >= th.warmup_steps)
+        if 0 < n < th.min_steps or (n == 0 and any(v is not None for v in vals)):
+            out.append((name, n))
+    return tuple(out)
 
 
 def steps_to_oom(rate: float, headroom: float | None) -> int | None:

@@ -25,12 +25,13 @@ from distrib.config import MemorySection
 from distrib.errors import LeakError
 from distrib.memory import census as cs
 from distrib.memory.detect import ADVICE, Thresholds, Verdict, classify, steps_to_oom
-from distrib.memory.probe import Fast, Probe
+from distrib.memory.probe import Fast, Probe, children_rss_fast
 
 log = logging.getLogger(__name__)
 COLUMNS = ("step", "t", "alloc", "reserved", "peak", "host", "heap", "rss", "uss", "workers_rss",
            "gpu_process", "gpu_device")  # fmt: skip
 WINDOW = 2000  # steps judged: the recent ones (a check then costs ~2 ms however long the run)
+WORKERS_EVERY_S = 0.01  # DataLoader workers' RSS is read at a step boundary at most this often (~50 us)
 Agree = Callable[[bool], bool]  # True when any rank says True (the same answer on every rank)
 NO_GROUP = (
     "no group of live tensors or arrays grew: most often one autograd graph growing across steps "
@@ -85,8 +86,12 @@ class Finding:
 
     def line(self, rank: int, device: str) -> str:
         v = self.verdict
+        if not v.judged:
+            return f"rank {rank} ({device}): {v.text}: a run this short cannot show a leak"
         if not v.leak:
-            return f"rank {rank} ({device}): no leak over {v.steps} judged step(s)"
+            return f"rank {rank} ({device}): no leak over {v.steps} judged step(s)" + "".join(
+                f"; {name} not judged: too few samples ({n})" for name, n in v.unjudged
+            )
         oom = (
             f", out of memory in ~{self.steps_to_oom:,} steps at this rate"
             if self.steps_to_oom is not None
@@ -116,7 +121,7 @@ class Sampler(threading.Thread):
         self.probe, self.interval = probe, interval
         self.slow = probe.slow(with_uss=True)
         self.peak_rss = 0
-        self.times: list[tuple[float, Fast]] = []  # for scripts without an optimizer step
+        self.times: list[tuple[float, Fast, int | None]] = []  # (t, fast, workers): scripts without a step
         self.record_times = True  # until the first step: then the step rows are the series
         self._stop_event = threading.Event()
 
@@ -128,7 +133,7 @@ class Sampler(threading.Thread):
             fast = self.probe.fast()
             self.peak_rss = max(self.peak_rss, fast.rss)
             if self.record_times:
-                self.times.append((time.monotonic(), fast))
+                self.times.append((time.monotonic(), fast, children_rss_fast()))
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -153,6 +158,7 @@ class Monitor:
         self.announced = False
         self.snapshotting = False
         self.unit = "step"  # what a row stands for: an optimizer step, or a background sample
+        self.workers_at = 0.0  # when the workers' RSS was last read at a step boundary
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,12 +179,22 @@ class Monitor:
         for c, v in (
             ("step", step), ("t", round(time.monotonic() - self.t0, 4)), ("alloc", fast.alloc),
             ("reserved", fast.reserved), ("peak", fast.peak), ("host", fast.host), ("heap", fast.heap),
-            ("rss", fast.rss), ("uss", slow.uss), ("workers_rss", slow.workers_rss),
+            ("rss", fast.rss), ("uss", slow.uss), ("workers_rss", self._workers()),
             ("gpu_process", slow.gpu_process), ("gpu_device", slow.gpu_device),
         ):  # fmt: skip
             r[c].append(v)
         if step % self.settings.check_every == 0:
             self._check(step)
+
+    def _workers(self) -> int | None:
+        """The workers' RSS, read here when the last reading is WORKERS_EVERY_S old (None between):
+        the detector judges the points actually measured, not one 1 Hz value repeated per step."""
+        now = time.monotonic()
+        if now - self.workers_at < WORKERS_EVERY_S:
+            return None
+        self.workers_at = now
+        fresh = children_rss_fast()
+        return fresh if fresh is not None else (self.sampler.slow.workers_rss if self.sampler else None)
 
     def finish(self) -> Finding:
         """Stop sampling, judge the whole run, write memory_rank<N>.csv and .json."""
@@ -197,9 +213,15 @@ class Monitor:
         """No optimizer step was seen (a script without one): judge the background samples instead."""
         assert self.sampler is not None
         self.unit = f"sample ({self.settings.interval_s:g} s)"
-        slow = self.sampler.slow  # the last slow reading stands for every sample
-        for i, (t, fast) in enumerate(self.sampler.times, start=1):
-            row = {"step": i, "t": round(t - self.t0, 4), **asdict(fast), **asdict(slow)}
+        slow = self.sampler.slow  # the last slow reading stands for NVML and USS in every sample
+        for i, (t, fast, workers) in enumerate(self.sampler.times, start=1):
+            row = {
+                "step": i,
+                "t": round(t - self.t0, 4),
+                **asdict(fast),
+                **asdict(slow),
+                "workers_rss": workers,
+            }
             for c in COLUMNS:
                 self.rows[c].append(row.get(c))
         if self.rows["step"]:
@@ -250,8 +272,8 @@ class Monitor:
         if self.suspect is not None and verdict.leak:
             gap = step - self.suspect[0]
             growth = cs.grown(self.suspect[1], cs.census(), gap)
-            groups = [g.describe(gap) for g in growth] or [NO_GROUP]
             verdict = refine(verdict, growth, self.where.cuda_index is not None)
+            groups = census_lines(verdict, growth, gap)
             if self.snapshotting:
                 from distrib.memory.snapshot import dump_and_explain
 
@@ -306,7 +328,8 @@ class Monitor:
             "gpu_uuid": self.probe.gpu_uuid if self.probe else "",
             "not_monitored": self.probe.limits if self.probe else [],
             "leak": f.verdict.leak,
-            "verdict": asdict(f.verdict) | {"text": f.verdict.text},
+            "judged": f.verdict.judged,
+            "verdict": asdict(f.verdict) | {"text": f.verdict.text, "short": f.verdict.short},
             "groups": f.groups,
             "steps_to_oom": f.steps_to_oom,
             "message": f.line(self.where.rank, self.where.device).replace("/step", f"/{self.unit}"),
@@ -315,11 +338,23 @@ class Monitor:
 
 
 def refine(verdict: Verdict, growth: list[cs.Growth], cuda: bool) -> Verdict:
-    """On the CPU glibc's counters hold tensors and everything else: the census tells which."""
-    if verdict.cause != "tensors" or cuda:
+    """On the CPU glibc's counters hold tensors and everything else: the census tells which. And
+    on the CPU a growing reserve is glibc's heap pinned by small kept allocations, not CUDA's
+    allocator (whose advice would not apply)."""
+    if cuda:
         return verdict
-    if any(g.group[0] == "tensor" for g in growth):
+    if verdict.cause == "fragmentation":
+        return replace(verdict, cause="heap_pinned")
+    if verdict.cause != "tensors" or any(g.group[0] == "tensor" for g in growth):
         return verdict
     if any(g.group[0] == "ndarray" for g in growth):
         return replace(verdict, cause="outside_torch")
     return verdict  # no group grew: a growing autograd graph (total += loss) or a C extension
+
+
+def census_lines(verdict: Verdict, growth: list[cs.Growth], gap: int) -> list[str]:
+    """What the census says under a verdict: the groups that grew, else why none did. The census
+    counts this process's objects: a verdict on the workers' memory gets no hint about graphs."""
+    if verdict.cause == "workers":
+        return [g.describe(gap) for g in growth]
+    return [g.describe(gap) for g in growth] or [NO_GROUP]

@@ -81,7 +81,15 @@ def verdict_table(reports: list[dict[str, Any]]) -> str:
         rate = f"{v['rate'] / 1024:.1f} KiB" if r["leak"] else "-"
         oom = f"~{r['steps_to_oom']:,} steps" if r["steps_to_oom"] is not None else "-"
         cause = v["text"] if r["leak"] else "-"
-        cells = [r["rank"], r["device"], r["steps"], "YES" if r["leak"] else "no", rate, cause, oom]
+        cells = [
+            r["rank"],
+            r["device"],
+            r["steps"],
+            v.get("short", "YES" if r["leak"] else "no"),
+            rate,
+            cause,
+            oom,
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     details = [r["message"] for r in reports if r["leak"]]
     return "\n".join(lines + ([""] + details if details else []))

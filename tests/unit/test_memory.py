@@ -266,3 +266,81 @@ def test_without_optimizer_steps_the_background_samples_are_judged(tmp_path: Pat
     report = json.loads((tmp_path / "memory_rank0.json").read_text())
     assert report["unit"].startswith("sample") and report["steps"] >= 20
     assert f.verdict.leak and "/sample" in report["message"]
+
+
+# ----------------------------------------------------------------------------- evidence and advice
+
+
+def test_too_few_points_is_not_judged_not_no() -> None:
+    short = list(range(1, 50))  # 30 points after warm-up (steps 20..49), 40 needed
+    v = classify(short, {"alloc": [500 * MIB] * len(short)}, TH)
+    assert not v.leak and not v.judged
+    assert v.text == "not judged: too few samples (30)" and v.short == v.text
+    v = classify(STEPS, {"alloc": base(), "workers_rss": [None] * (len(STEPS) - 3) + [1, 2, 3]}, TH)
+    assert not v.leak and v.judged and v.short == "no; workers_rss not judged: too few samples (3)"
+
+
+def test_the_allocator_comes_before_host_memory_when_both_grow() -> None:
+    grows = [500 * MIB + 200_000 * s for s in STEPS]
+    v = classify(STEPS, {"host": grows, "alloc": grows, "reserved": base()}, TH)
+    assert v.leak and v.cause == "tensors" and v.series == "alloc"
+
+
+def test_advice_fits_the_host_and_worker_verdicts_carry_no_graph_hint() -> None:
+    from distrib.memory.detect import Verdict
+    from distrib.memory.monitor import NO_GROUP, Finding, census_lines, refine
+
+    frag = Verdict(True, "fragmentation", "reserved", 50_000.0, 10 * MIB, 200)
+    cpu, cuda = refine(frag, [], cuda=False), refine(frag, [], cuda=True)
+    cpu_line, cuda_line = Finding(cpu).line(0, "cpu"), Finding(cuda).line(0, "cuda:0")
+    assert (
+        "PYTORCH_CUDA_ALLOC_CONF" not in cpu_line and "glibc's heap" in cpu_line and ".tolist()" in cpu_line
+    )
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in cuda_line
+    workers = Verdict(True, "workers", "workers_rss", 50_000.0, 10 * MIB, 200)
+    assert census_lines(workers, [], 20) == [] and NO_GROUP not in Finding(workers).line(0, "cpu")
+    assert census_lines(Verdict(True, "tensors"), [], 20) == [NO_GROUP]
+
+
+def test_a_short_run_says_not_judged_and_workers_are_read_at_step_boundaries(tmp_path: Path) -> None:
+    """Workers that grow by 4 MiB a step: read at each step boundary they are judged (the 1 Hz
+    sampler alone saw 3 points); 10 steps are too few to judge anything."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    mon = _monitor(tmp_path / "short")
+    for step in range(1, 11):
+        mon.on_step(step)
+    f = mon.finish()
+    assert not f.verdict.leak and not f.verdict.judged
+    assert "not judged: too few samples" in verdict_table(
+        [json.loads((tmp_path / "short" / "memory_rank0.json").read_text())]
+    )
+    mon = Monitor(
+        Where(0, 1, "cpu", None, tmp_path / "long"),
+        MemorySection(interval_s=1.0, warmup_steps=10, check_every=200, min_steps=30, census_gap=10),
+        agree=lambda mine: mine,
+    ).start()
+    grow, done = ctx.Queue(), ctx.Queue()
+
+    def worker() -> None:  # a DataLoader worker's copy-on-read growth, one step at a time
+        kept = []
+        while grow.get():
+            kept.append(bytearray(4 * MIB))
+            kept[-1][::4096] = b"x" * len(kept[-1][::4096])  # touch every page
+            done.put(1)
+
+    proc = ctx.Process(target=worker)
+    proc.start()
+    try:
+        for step in range(1, 81):
+            grow.put(True)
+            done.get(timeout=10)
+            time.sleep(0.011)
+            mon.on_step(step)
+    finally:
+        grow.put(False)
+        proc.join(timeout=10)
+    f = mon.finish()
+    assert f.verdict.leak and f.verdict.cause == "workers", f.verdict
