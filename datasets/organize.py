@@ -15,7 +15,11 @@ import errno
 import filecmp
 import logging
 import os
+import re
+import secrets
 import shutil
+import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -282,9 +286,41 @@ def _check_collisions(plan: OrganizePlan, conflicts: list[str]) -> None:
 # --------------------------------------------------------------------------- doing
 
 
+def temporary(path: Path) -> Path:
+    """A temporary name beside ``path``, unique to this process: two organizes of one folder (two
+    jobs starting together, two nodes on a shared filesystem) never write the same temporary.
+    It says whose it is (``<name>.<host>-<pid>-<token>.organize-tmp``), so cleaning up leftovers
+    spares the temporaries of a run still going."""
+    owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    return path.with_name(f"{path.name}.{owner}{_TMP_SUFFIX}")
+
+
+_OWNED = re.compile(r"-(\d+)-[0-9a-f]{6}" + re.escape(_TMP_SUFFIX) + "$")
+
+
+def _leftover(tmp: Path, now: float) -> bool:
+    """A temporary of a run that ended: a dead process on this host, another host's over an hour
+    old, or one of the older layout (no owner in its name)."""
+    owned = _OWNED.search(tmp.name)
+    if owned is None:
+        return True
+    if f".{socket.gethostname()}-{owned.group(1)}-" in tmp.name:
+        try:
+            os.kill(int(owned.group(1)), 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's
+            return False
+    try:
+        return now - tmp.stat().st_mtime > 3600
+    except OSError:
+        return False
+
+
 def _copy_atomic(src: Path, dst: Path) -> None:
     """Copy to a temporary name, fsync, rename: a crash never leaves a partial dst."""
-    tmp = dst.with_name(dst.name + _TMP_SUFFIX)
+    tmp = temporary(dst)
     with src.open("rb") as fi, tmp.open("wb") as fo:
         shutil.copyfileobj(fi, fo, 1 << 20)
         fo.flush()
@@ -316,7 +352,9 @@ def place(p: Placement, mode: str) -> str:
     else:
         how = _link_or_copy(p.src, p.dst)
     if mode == "move":
-        p.src.unlink()  # only now: dst is complete (a link, or an fsynced copy)
+        with contextlib.suppress(FileNotFoundError):  # another organize of the same CSV got there first
+            p.src.unlink()  # only now: dst is complete (a link, or an fsynced copy)
+        return "moved"
     return how
 
 
@@ -338,8 +376,7 @@ def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
                 raise
             counts["already"] += 1
     for p in plan.update:
-        tmp = p.dst.with_name(p.dst.name + _TMP_SUFFIX)
-        tmp.unlink(missing_ok=True)
+        tmp = temporary(p.dst)
         place(Placement(p.src, tmp, p.label, p.rel), "copy" if mode == "move" else mode)
         os.replace(tmp, p.dst)
         counts["updated"] += 1
@@ -349,6 +386,10 @@ def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
         except FileExistsError:
             if not _same_file(p.src, p.dst):
                 raise LaunchError(f"{p.dst} appeared meanwhile and differs from {p.src}") from None
+            counts["already"] += 1
+        except FileNotFoundError:  # moved meanwhile by another organize of the same CSV
+            if p.src.exists() or not p.dst.exists():
+                raise
             counts["already"] += 1
     for p in plan.stale:
         counts[remove_stale(p)] += 1
@@ -400,7 +441,7 @@ def write_manifest(plan: OrganizePlan, out: Path) -> Path:
         for p in plan.all
     ]
     path = out / MANIFEST
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    tmp = temporary(path)
     pd.DataFrame(rows, columns=["file_name", "label", "path", "size", "mtime_ns"]).to_csv(tmp, index=False)
     os.replace(tmp, path)  # a killed run leaves the old manifest or the new one, never half of one
     return path
@@ -474,7 +515,8 @@ def organize(
     plan = plan_organize(read_labels(csv if isinstance(csv, LabelCsv) else LabelCsv(csv)), images, out)
     if plan.missing and not (allow_missing or dry_run):
         raise LaunchError(
-            f"{len(plan.missing)} image(s) named in {csv} are not in {images}, e.g. "
+            f"{len(plan.missing)} image(s) named in {csv.path if isinstance(csv, LabelCsv) else csv} "
+            f"are not in {images}, e.g. "
             f"{', '.join(plan.missing[:_SHOW])}. Fix the CSV or the folder, or pass "
             "--allow-missing to organise the rest; nothing was changed."
         )
@@ -537,9 +579,12 @@ def _check_disk(plan: OrganizePlan, out: Path) -> None:
 
 
 def cleanup_temporaries(out: Path) -> int:
-    """Remove partial copies left by a killed run (they never replaced anything)."""
-    n = 0
+    """Remove partial copies left by a killed run (they never replaced anything); a run still
+    going keeps its own."""
+    n, now = 0, time.time()
     for tmp in out.rglob("*" + _TMP_SUFFIX):
+        if not _leftover(tmp, now):
+            continue
         with contextlib.suppress(OSError):
             tmp.unlink()
             n += 1

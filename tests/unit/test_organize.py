@@ -396,3 +396,75 @@ def test_a_relabelled_and_replaced_copy_converges_in_one_run(tmp_path: Path) -> 
     (images / "a.png").write_bytes(b"new pixels")
     organize(write_csv(tmp_path / "l.csv", [("a.png", "y")]), images, out, mode="copy")
     assert classes_of(out) == {"a.png": ["y"]} and (out / "y" / "a.png").read_bytes() == b"new pixels"
+
+
+def _organize_at(args: tuple, start, results) -> None:
+    """One of two organizes started together (a process of its own): puts its error, or ''."""
+    start.wait(10)
+    try:
+        organize(args[0], args[1], args[2], mode=args[3])
+    except Exception as e:  # noqa: BLE001 - the test reports whatever broke
+        results.put(f"{type(e).__name__}: {e}")
+        return
+    results.put("")
+
+
+@pytest.mark.parametrize("mode", ["link", "copy", "move"])
+def test_two_organizes_of_one_csv_at_once_both_succeed(tmp_path: Path, mode: str) -> None:
+    """Two jobs (or nodes on a shared filesystem) organising the same CSV into the same folder at
+    the same moment: both succeed, every file is placed once, whole, and the manifest is complete."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    names = [f"f{i:03d}.png" for i in range(40)]
+    for round_ in range(4):
+        base = tmp_path / str(round_)
+        images = flat(base, names)
+        csv_path = write_csv(base / "l.csv", [(n, f"c{i % 3}") for i, n in enumerate(names)])
+        start, results = ctx.Barrier(2), ctx.Queue()
+        job = (csv_path, images, base / "out", mode)
+        procs = [ctx.Process(target=_organize_at, args=(job, start, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        errors = [results.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join(timeout=10)
+        assert errors == ["", ""], (round_, errors)
+        placed = sorted(p.name for p in (base / "out").rglob("*.png"))
+        assert placed == names, round_
+        assert all(p.read_bytes() == f"bytes of {p.name}".encode() for p in (base / "out").rglob("*.png"))
+        assert not list((base / "out").rglob("*" + org._TMP_SUFFIX)), "a temporary was left"
+        assert len((base / "out" / org.MANIFEST).read_text().splitlines()) == len(names) + 1
+        if mode == "move":
+            assert list(images.iterdir()) == []
+
+
+def test_cleanup_spares_the_temporaries_of_a_run_still_going(tmp_path: Path) -> None:
+    import subprocess
+
+    mine = org.temporary(tmp_path / "a.png")  # this process: alive
+    mine.write_bytes(b"half")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = tmp_path / f"b.png.{__import__('socket').gethostname()}-{dead.pid}-abcdef{org._TMP_SUFFIX}"
+    gone.write_bytes(b"half")
+    old = tmp_path / ("c.png" + org._TMP_SUFFIX)  # the older layout: nobody's
+    old.write_bytes(b"half")
+    assert org.cleanup_temporaries(tmp_path) == 2
+    assert mine.exists() and not gone.exists() and not old.exists()
+
+
+def test_the_missing_files_error_names_the_csv_file(tmp_path: Path) -> None:
+    images = flat(tmp_path, ["a.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x"), ("gone.png", "y")])
+    with pytest.raises(LaunchError) as e:
+        organize(org.LabelCsv(str(csv_path), "file_name", "label"), images, tmp_path / "out")
+    assert f"named in {csv_path} are not in" in str(e.value) and "LabelCsv(" not in str(e.value)
+
+
+def test_move_reports_moved_not_link(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    images = flat(tmp_path, ["a.png", "b.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "x"), ("b.png", "y")])
+    with caplog.at_level("INFO", logger="datasets.organize"):
+        organize(csv_path, images, tmp_path / "out", mode="move")
+    assert "moved 2" in caplog.text and "link" not in caplog.text, caplog.text
