@@ -404,6 +404,9 @@ def job_for(args: argparse.Namespace, applied: AppliedEnv) -> Job:
 def run_organize(args: argparse.Namespace) -> int:
     """``organize``: no torch, no workers; the class table goes to stdout."""
     from datasets.organize import LabelCsv, class_table, organize
+    from distrib import signals
+
+    signals.install()  # SIGTERM/SIGINT: stop between two files and say how far it got
 
     plan = organize(
         LabelCsv(args.csv, args.file_col, args.label_col),

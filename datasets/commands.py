@@ -21,10 +21,12 @@ from datasets.loader import unwrap_worker_errors
 from datasets.preview import write_preview
 from datasets.stats import compute_stats, format_stats
 from datasets.transforms import BadImageError, Decoder
+from distrib import signals
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
 from distrib.process_group import all_reduce_sum, gather_objects
+from distrib.signals import Stopped
 
 log = logging.getLogger(__name__)
 PROGRESS_S = 5.0  # seconds between progress lines of `launch.py cache`
@@ -54,6 +56,7 @@ def stats_job(
     as_json: bool,
 ) -> int:
     """Exact mean/std of ``data_dir``; rank 0 prints it and writes stats.json."""
+    signals.install()  # SIGTERM/SIGINT: the pass stops within an image or two, in one line
     paths = image_paths(data_dir)
     stats = compute_stats(
         paths, ctx, resize=resize, num_workers=cfg.data.num_workers, skip_bad=cfg.data.on_bad_image == "skip"
@@ -130,11 +133,21 @@ def _first_item(items: list) -> object:
     return items[0]
 
 
+def stopped_caching(stop: signals.StopRequest, cache: DecodedCache, done: int, todo: int) -> str:
+    """The line a stopped ``cache`` leaves: what is cached, and that a rerun continues."""
+    return (
+        f"stopped on {stop.name}: this rank decoded {done} of its {todo} image(s); the decoded cache "
+        f"{cache.plan.folder} now holds {cache.filled()} of {len(cache.plan.paths)}; a rerun "
+        "(launch.py cache, or training with data.cache = 'disk') decodes only the rest"
+    )
+
+
 def cache_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     """``launch.py cache``: decode every image of both splits into the cache, with every core.
 
     Ranks share the slots r::W; each rank uses its share of the node's cores as workers.
     """
+    stop = signals.install()  # SIGTERM/SIGINT: stop between images, say what is cached
     split = build_split(ctx, cfg)
     cache = open_cache(ctx, [split.train, split.val], cfg.data.cache_dir, Decoder.from_config(cfg.data))
     n = len(cache.plan.paths)
@@ -148,7 +161,11 @@ def cache_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     )
     start = last = time.monotonic()
     skipped: list[str] = []
+    done = 0
     for done, item in enumerate(unwrap_worker_errors(iter(loader)), 1):
+        if stop.requested:
+            del loader
+            raise Stopped(stop, stopped_caching(stop, cache, done - 1, len(todo)))
         if isinstance(item, str):
             skipped.append(item)
         if ctx.is_main and time.monotonic() - last > PROGRESS_S:
@@ -156,6 +173,8 @@ def cache_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
             rate = done / (last - start)
             eta = time.strftime("%H:%M:%S", time.gmtime((len(todo) - done) / max(rate, 1e-9)))
             log.info("caching: %d/%d of this rank's images, %.0f img/s, ETA %s", done, len(todo), rate, eta)
+    if stop.requested:  # the signal came after the last image
+        raise Stopped(stop, stopped_caching(stop, cache, done, len(todo)))
     skipped = [p for part in gather_objects(ctx, skipped) for p in part]
     decoded = int(all_reduce_sum(ctx, torch.tensor([len(todo)], dtype=torch.int64)).item())
     if ctx.is_main:

@@ -24,7 +24,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from distrib import signals
 from distrib.errors import LaunchError
+from distrib.signals import Stopped
 
 log = logging.getLogger(__name__)
 MODES = ("link", "copy", "symlink", "move")
@@ -380,7 +382,14 @@ def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
         place(Placement(p.src, tmp, p.label, p.rel), "copy" if mode == "move" else mode)
         os.replace(tmp, p.dst)
         counts["updated"] += 1
-    for p in plan.todo:
+    stop = signals.current()
+    for i, p in enumerate(plan.todo):
+        if stop.requested:
+            raise Stopped(
+                stop,
+                f"organize stopped on {stop.name} after placing {i} of {len(plan.todo)} file(s) "
+                f"({mode}); every file is whole in one place, and a rerun places the rest",
+            )
         try:
             counts[place(p, mode)] += 1
         except FileExistsError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from datasets.folder import Samples, dataset_key
 from datasets.transforms import BadImageError, Decoder, PixelSource
+from distrib import signals
 from distrib.config import DataSection
 from distrib.context import DistContext
 from distrib.errors import LaunchError
 from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
+from distrib.signals import Stopped
 
 log = logging.getLogger(__name__)
 LEVELS = torch.arange(256, dtype=torch.float64) / 255.0
@@ -108,17 +111,30 @@ def compute_stats(
         generator=torch.Generator(),  # leaves the caller's global RNG untouched
     )
     total = torch.zeros(3, 256, dtype=torch.int64)
-    naive = torch.zeros(4, dtype=torch.float64)  # sum of per-image std (3) and image count
+    naive = torch.zeros(5, dtype=torch.float64)  # sum of per-image std (3), image count, ranks stopped
     skipped: list[str] = []
+    stop, seen = signals.current(), 0
     for hist in loader:
+        seen += 1
+        if stop.requested:  # SIGTERM/SIGINT: leave now, not after the whole pass (minutes on a large set)
+            naive[4] = 1
+            break
         if isinstance(hist, str):
             skipped.append(hist)
             continue
         total += hist
         naive[:3] += moments(hist)[1]
         naive[3] += 1
+    del loader  # its workers end now
     all_reduce_sum(ctx, total)
     all_reduce_sum(ctx, naive)
+    if naive[4] > 0:
+        raise Stopped(
+            stop if stop.requested else signals.StopRequest(signal.SIGTERM),
+            f"stopped on {stop.name or 'a signal to another rank'} during the dataset stats pass "
+            f"({seen - 1} of this rank's {len(shard)} images); nothing was trained or cached as stats; "
+            "a rerun computes them again (images already in the decoded cache are read, not decoded)",
+        )
     images = int(naive[3].item())
     if images == 0:
         raise LaunchError("no decodable images to compute statistics from")

@@ -63,12 +63,22 @@ class Stopped(Exception):  # noqa: N818 - the run ended on request, not an error
         self.exit_code = request.exit_code
 
 
+_CURRENT: list[StopRequest] = []  # the request installed in this process (signal handlers are global)
+
+
 def install() -> StopRequest:
     """Route SIGTERM, SIGINT and SIGHUP to a fresh :class:`StopRequest` (main thread only)."""
     request = StopRequest()
     for sig in SIGNALS:
         signal.signal(sig, request.handle)
+    _CURRENT[:] = [request]
     return request
+
+
+def current() -> StopRequest:
+    """The installed request (long passes before training look at it between items); an inert one
+    when none is installed (a library call, a test)."""
+    return _CURRENT[0] if _CURRENT else StopRequest()
 
 
 def die_with_parent(sig: int) -> bool:

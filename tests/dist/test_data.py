@@ -333,3 +333,77 @@ def test_a_damaged_decoded_cache_trains_as_the_cache_off_does(demo: Path, tmp_pa
         assert summary["val_acc"] == reference["val_acc"], what
         a, b = weights(tmp_path / "off"), weights(tmp_path / "on")
         assert all(torch.equal(a[k], b[k]) for k in a), what
+
+
+def _term_when(cmd: list[str], env: dict[str, str], ready, timeout: float = 60) -> tuple[int, str, float]:
+    """Start ``cmd``, send SIGTERM to it (not its group: as the kernel or an agent would) once
+    ``ready(stderr so far)`` holds; its exit code, stderr, and the seconds from signal to exit."""
+    import threading
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: [lines.append(x) for x in proc.stderr], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready("".join(lines)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "it ended before the signal: " + "".join(lines)[-2000:]
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - sent
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return code, "".join(lines), took
+
+
+def test_sigterm_in_the_stats_pass_the_cache_fill_and_organize_is_prompt_and_one_line(
+    demo: Path, tmp_path: Path
+) -> None:
+    slow = clean_env(PYTHONPATH=str(REPO / "tests" / "fakes" / "slowdecode"))  # 50 ms per decode
+    # 1. the exact-stats pass before the first epoch (120 images x 50 ms): stops within a second or two
+    sets = tiny(demo, tmp_path, "t", f"data.stats_cache={tmp_path / 'stats'}")
+    code, err, took = _term_when([sys.executable, "launch.py", "train", *sets], slow,
+                                 lambda e: "computing exact dataset stats" in e)  # fmt: skip
+    assert code == 143 and took < 3, (code, took, err[-2000:])
+    assert "stopped on SIGTERM during the dataset stats pass" in err and "Traceback" not in err, err[-2000:]
+    assert not list((tmp_path / "stats").glob("stats-*.json")), "partial stats were cached"
+    # 2. launch.py cache, mid-fill: one line with what is cached, and a rerun continues
+    cache = tmp_path / "c"
+    cmd = [sys.executable, "launch.py", "cache", *tiny(demo, tmp_path, "c", f"data.cache_dir={cache}")]
+
+    def filling(_: str) -> bool:
+        found = list(cache.glob("decoded-*/entries.i64"))
+        return (
+            bool(found)
+            and (np.fromfile(found[0], dtype=np.int64).reshape(-1, ENTRY)[:, 0] == FILLED).sum() >= 3
+        )
+
+    code, err, took = _term_when(cmd, slow, filling)
+    assert code == 143 and took < 3, (code, took, err[-2000:])
+    assert "stopped on SIGTERM: this rank decoded" in err and "a rerun" in err, err[-2000:]
+    assert "Traceback" not in err and err.count("stopped on SIGTERM") == 1, err[-2000:]
+    # 3. organize, between two files: 3000 copies
+    names = [f"f{i:05d}.png" for i in range(3000)]
+    (tmp_path / "flat").mkdir()
+    for n in names:
+        (tmp_path / "flat" / n).write_bytes(b"x" * 2000)
+    (tmp_path / "l.csv").write_text(
+        "file_name,label\n" + "".join(f"{n},c{i % 5}\n" for i, n in enumerate(names))
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "launch.py", "organize", "--csv", str(tmp_path / "l.csv"), "--images",
+           str(tmp_path / "flat"), "--out", str(out), "--mode", "copy"]  # fmt: skip
+    code, err, took = _term_when(
+        cmd, clean_env(), lambda _: (out / "c4").is_dir() and any((out / "c4").iterdir())
+    )
+    assert code == 143 and took < 3, (code, took, err[-2000:])
+    assert "organize stopped on SIGTERM after placing" in err and "a rerun places the rest" in err, err
+    assert "Traceback" not in err
+    again = launch("organize", "--csv", str(tmp_path / "l.csv"), "--images", str(tmp_path / "flat"), "--out",
+                   str(out), "--mode", "copy")  # fmt: skip
+    assert again.returncode == 0 and sorted(p.name for p in out.rglob("*.png")) == names, again.stderr[-2000:]
