@@ -428,10 +428,23 @@ BENCH_DEFAULTS = {
 }
 
 
+BENCH_LEAST = {"repeats": 1, "steps": 1, "batch": 1, "size": 1, "nproc": 1, "workers": 0, "warmup": 0}
+
+
+def check_bench_numbers(args: argparse.Namespace) -> None:
+    """Counts that must be positive (or >= 0), refused in one line before anything runs."""
+    for name, least in BENCH_LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            need = "a positive integer" if least else "an integer >= 0"
+            raise LaunchError(f"bench {args.what} --{name} {value}: must be {need}")
+
+
 def run_bench(args: argparse.Namespace, cfg: Config) -> int:
-    """``bench launch|data|overhead``: each benchmark module gets plain arguments."""
+    """``bench launch|data|overhead|parallel``: each benchmark module gets plain arguments."""
     from distrib.bench.toolkit import bench_dir
 
+    check_bench_numbers(args)
     out = bench_dir(cfg.run.out_dir, cfg.run.name, args.what)
     opt = {k: v if (v := getattr(args, k)) is not None else d for k, d in BENCH_DEFAULTS[args.what].items()}
     if args.what == "launch":

@@ -99,7 +99,8 @@ def pixel_sources(ctx: DistContext, cfg: Config, split: DataSplit) -> Sources:
     """data.cache = 'disk': open (once per node: create) the cache of both splits."""
     if cfg.data.cache != "disk":
         return Sources()
-    cache = open_cache(ctx, [split.train, split.val], cfg.data.cache_dir, Decoder.from_config(cfg.data))
+    cache = open_cache(ctx, [split.train, split.val], cfg.data.cache_dir, Decoder.from_config(cfg.data),
+                       cfg.data.on_bad_image == "skip")  # fmt: skip
     return Sources(CachedSource(cache, cache.slots(split.train)), CachedSource(cache, cache.slots(split.val)))
 
 

@@ -101,11 +101,20 @@ def _gib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
 
 
-def common_size(paths: Sequence[str]) -> tuple[int, int]:
-    """The one (H, W) of every image, read from the file headers; mixed sizes are an error."""
+def common_size(paths: Sequence[str], skip_bad: bool = False) -> tuple[int, int]:
+    """The one (H, W) of every image, read from the file headers; mixed sizes are an error, and so
+    is an unreadable file unless ``skip_bad`` (data.on_bad_image = 'skip': it is left out here, and
+    training skips it as it would without the cache)."""
     sizes: dict[tuple[int, int], list[str]] = {}
     for p in paths:
-        sizes.setdefault(image_size(p), []).append(p)
+        try:
+            sizes.setdefault(image_size(p), []).append(p)
+        except BadImageError as e:
+            if not skip_bad:
+                raise LaunchError(f"{e}; set data.on_bad_image = 'skip' to leave it out") from None
+            log.warning("skipping %s", e)
+    if not sizes:
+        raise LaunchError("no readable image to size the decoded cache by; check the data folder")
     if len(sizes) == 1:
         return next(iter(sizes))
     found = sorted(sizes.items(), key=lambda kv: -len(kv[1]))
@@ -118,14 +127,18 @@ def common_size(paths: Sequence[str]) -> tuple[int, int]:
 
 
 def plan_cache(
-    samples: Sequence[Samples], cache_dir: str | Path, decoder: Decoder, size: Sequence[int] | None = None
+    samples: Sequence[Samples],
+    cache_dir: str | Path,
+    decoder: Decoder,
+    size: Sequence[int] | None = None,
+    skip_bad: bool = False,
 ) -> CachePlan:
     """The cache for every image of ``samples`` (train and validation) as ``decoder`` makes them.
 
     ``size``: the images' (H, W) when already known (else data.resize, else read from the headers).
     """
     paths = np.unique(np.concatenate([s.paths for s in samples]))
-    h, w = size or (tuple(decoder.resize) if decoder.resize else common_size(paths.tolist()))
+    h, w = size or (tuple(decoder.resize) if decoder.resize else common_size(paths.tolist(), skip_bad))
     shape = (3, int(h), int(w))
     key = dataset_key(FORMAT, len(paths), shape, decoder.key(), *paths.tolist())
     return CachePlan(Path(cache_dir) / f"decoded-{key}", paths, shape, decoder)
@@ -377,14 +390,18 @@ class CachedSource:
 
 
 def open_cache(
-    ctx: DistContext, samples: Sequence[Samples], cache_dir: str | Path, decoder: Decoder
+    ctx: DistContext,
+    samples: Sequence[Samples],
+    cache_dir: str | Path,
+    decoder: Decoder,
+    skip_bad: bool = False,
 ) -> DecodedCache:
     """Plan and (once per node) create the cache; every rank learns any refusal, none hangs."""
     err: str | None = None
     plan: CachePlan | None = None
     if ctx.local_rank == 0:
         try:
-            plan = plan_cache(samples, cache_dir, decoder)
+            plan = plan_cache(samples, cache_dir, decoder, skip_bad=skip_bad)
             check_room(plan)
             create(plan)
         except LaunchError as e:

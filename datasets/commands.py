@@ -149,7 +149,8 @@ def cache_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     """
     stop = signals.install()  # SIGTERM/SIGINT: stop between images, say what is cached
     split = build_split(ctx, cfg)
-    cache = open_cache(ctx, [split.train, split.val], cfg.data.cache_dir, Decoder.from_config(cfg.data))
+    cache = open_cache(ctx, [split.train, split.val], cfg.data.cache_dir, Decoder.from_config(cfg.data),
+                       cfg.data.on_bad_image == "skip")  # fmt: skip
     n = len(cache.plan.paths)
     todo = [s for s in range(ctx.rank, n, ctx.world_size) if not cache.current(s)]
     workers = max(1, (os.cpu_count() or 1) // ctx.local_world_size)

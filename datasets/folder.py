@@ -49,10 +49,15 @@ def _ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_FILES
 
 
-def _class_files(folder: Path) -> tuple[list[str], list[str]]:
-    """(images, unsupported files) below one class folder, sorted, recursively."""
+def _class_files(folder: Path, unreadable: list[str]) -> tuple[list[str], list[str]]:
+    """(images, unsupported files) below one class folder, sorted, recursively; folders that
+    cannot be listed go to ``unreadable`` (os.walk would skip them without a word)."""
     images, other = [], []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def failed(e: OSError) -> None:
+        unreadable.append(f"{e.filename} ({e.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=failed, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if _ignored(name):
@@ -67,7 +72,13 @@ def scan_imagefolder(root: str | Path) -> Samples:
     root = Path(root)
     if not root.is_dir():
         raise LaunchError(f"image folder {root} does not exist; set data.root or pass --data")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise LaunchError(
+            f"cannot read image folder {root}: {e.strerror}; give this user read and execute permission "
+            "on it (chmod a+rx), or point data.root / --data elsewhere"
+        ) from None
     if not classes:
         loose = [f for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS)]
         hint = (
@@ -83,14 +94,19 @@ def scan_imagefolder(root: str | Path) -> Samples:
         )
     paths: list[str] = []
     targets: list[int] = []
-    empty, unsupported = [], []
+    empty, unsupported, unreadable = [], [], []
     for idx, name in enumerate(classes):
-        images, other = _class_files(root / name)
+        images, other = _class_files(root / name, unreadable)
         unsupported += other
-        if not images:
+        if not images and not unreadable:
             empty.append(name)
         paths += images
         targets += [idx] * len(images)
+    if unreadable:
+        raise LaunchError(
+            f"cannot read {len(unreadable)} folder(s) of {root}: {', '.join(unreadable[:_SHOW])}; give this "
+            "user read and execute permission on them (chmod -R a+rX), or move them out"
+        )
     _raise_scan_errors(root, empty, unsupported)
     return Samples(np.array(paths, dtype=str), np.array(targets, dtype=np.int64), tuple(classes))
 

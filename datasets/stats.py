@@ -22,11 +22,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.folder import Samples, dataset_key
+from datasets.loader import unwrap_worker_errors
 from datasets.transforms import BadImageError, Decoder, PixelSource
 from distrib import signals
 from distrib.config import DataSection
 from distrib.context import DistContext
-from distrib.errors import LaunchError
+from distrib.errors import EchoedError, LaunchError
 from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
 from distrib.signals import Stopped
 
@@ -114,7 +115,7 @@ def compute_stats(
     naive = torch.zeros(5, dtype=torch.float64)  # sum of per-image std (3), image count, ranks stopped
     skipped: list[str] = []
     stop, seen = signals.current(), 0
-    for hist in loader:
+    for hist in unwrap_worker_errors(iter(loader)):
         seen += 1
         if stop.requested:  # SIGTERM/SIGINT: leave now, not after the whole pass (minutes on a large set)
             naive[4] = 1
@@ -180,7 +181,9 @@ def cached_stats(
     decoder, cache_dir = Decoder.from_config(data), data.stats_cache
     num_workers, skip_bad = data.num_workers, data.on_bad_image == "skip"
     path = stats_cache_path(samples, decoder, cache_dir)
-    found = broadcast_object(ctx, _load(path) if ctx.is_main else None)
+    found, refusal = broadcast_object(ctx, _look_up(path) if ctx.is_main else None)
+    if refusal:  # before the pass, not after it (minutes on a large set)
+        raise LaunchError(refusal) if ctx.is_main else EchoedError(refusal)
     if found is not None:
         log.info("dataset stats from cache %s", path)
         return found
@@ -194,6 +197,25 @@ def cached_stats(
         tmp.write_text(json.dumps(asdict(stats)))
         tmp.replace(path)
     return stats
+
+
+def _look_up(path: Path) -> tuple[Stats | None, str | None]:
+    """(the cached stats, or None; why the stats could not be cached there, or None)."""
+    found = _load(path)
+    if found is not None:
+        return found, None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".write-test-{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return None, (
+            f"data.stats_cache {path.parent} is not writable ({e.strerror}); the stats pass would run "
+            "and then fail to keep its result: set data.stats_cache to a writable folder, or give "
+            "data.mean and data.std (launch.py stats prints them)"
+        )
+    return None, None
 
 
 def _load(path: Path) -> Stats | None:

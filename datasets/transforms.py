@@ -84,8 +84,20 @@ def decode_uint8(path: str | Path, draft: Sequence[int] | None = None) -> torch.
             return _to_rgb_uint8(img)
         return _pil_decode(path)
     except (RuntimeError, OSError, ValueError, SyntaxError) as e:
+        unreadable = _unreadable(path)  # torchvision's read_file says "aten::from_file ... API call failed"
+        if unreadable:
+            raise BadImageError(f"cannot read {path}: {unreadable}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadImageError(f"cannot decode {path}: {first}") from e
+
+
+def _unreadable(path: str) -> str:
+    """Why ``path`` cannot be opened for reading ("Permission denied", ...), or '' if it can."""
+    try:
+        with open(path, "rb"):
+            return ""
+    except OSError as e:
+        return e.strerror or type(e).__name__
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -397,6 +397,9 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Return ``value`` as type ``tp`` or raise ValueError naming ``where`` and the value."""
     if isinstance(tp, types.UnionType):  # e.g. str | tuple[float, ...]: first that fits
+        lists = [a for a in typing.get_args(tp) if typing.get_origin(a) is tuple]
+        if isinstance(value, str) and lists and _numbers_text(value):
+            return _coerce(value, lists[0], where)  # "0.5,0.5,0.5": the list, as for every list key
         for alt in typing.get_args(tp):
             if (alt is str) == isinstance(value, str):
                 return _coerce(value, alt, where)
@@ -418,6 +421,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if not ok:
         raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return float(value) if tp is float else value
+
+
+def _numbers_text(text: str) -> bool:
+    """``text`` is a comma-separated list of numbers ("1,0", "0.5, 0.5, 0.5")."""
+    items = [v.strip() for v in text.split(",")]
+    return all(items) and all(not isinstance(_number(v), str) for v in items)
 
 
 def _number(text: str) -> Any:

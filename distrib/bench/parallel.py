@@ -411,6 +411,8 @@ def main(out: Path, modes: list[str], nproc: int | None, options: dict[str, Any]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise LaunchError(f"--modes {','.join(unknown)}: choose from {', '.join(MODES)}")
+    if not options["config"]:
+        check_image_size(options["model"], options["image_size"])
     gpus = visible_gpus()
     nproc = nproc or gpus or 2  # one process per GPU (one GPU: every code path, no scaling), else 2 CPU ranks
     rest = {k: options[k] for k in ("model", "image_size", "steps", "warmup", "amp", "config")}
@@ -444,6 +446,20 @@ def main(out: Path, modes: list[str], nproc: int | None, options: dict[str, Any]
         log.info("bench parallel: %s %s", mode, why)
     sys.stdout.write(table(rows, reasons) + f"\nresults in {out}\n")
     return 0
+
+
+def check_image_size(model_name: str, size: int) -> None:
+    """Refuse an image side the model cannot take, naming the smallest it can, before any worker."""
+    from distrib.config import load_config
+    from distrib.engine.models import accepts, build_model, smallest_input
+
+    cfg = load_config(None, [f"model.name={model_name}", "model.batchnorm=false", "model.width=32"])
+    model = build_model(cfg.model, CLASSES)
+    if accepts(model, size):
+        return
+    least = smallest_input(model)
+    fix = f"use --image-size {least} or more" if least else "no size up to 4096 px works: check the model"
+    raise LaunchError(f"--image-size {size}: {model_name} cannot take {size} x {size} px images; {fix}")
 
 
 def table(rows: list[dict[str, Any]], reasons: dict[str, str]) -> str:

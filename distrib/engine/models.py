@@ -65,6 +65,31 @@ def build_model(cfg: ModelSection, num_classes: int) -> nn.Module:
     return model
 
 
+def accepts(model: nn.Module, size: int) -> bool:
+    """One forward pass of a 1 x 3 x size x size image on the CPU works (no layer shrinks it to 0)."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except RuntimeError:
+        return False
+    return True
+
+
+def smallest_input(model: nn.Module, limit: int = 4096) -> int | None:
+    """The smallest square image side ``model`` takes (pooling and strides shrink it), by doubling
+    then bisecting; None if nothing up to ``limit`` works."""
+    hi = 1
+    while not accepts(model, hi):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2  # fails (or 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if accepts(model, mid) else (mid, hi)
+    return hi
+
+
 def import_model(spec: str, num_classes: int) -> nn.Module:
     """'package.module:Class' -> Class(num_classes=...): a user's own model, importable from PYTHONPATH."""
     import importlib

@@ -49,6 +49,27 @@ class Target:
             raise LaunchError("give a script to run: launch.py run [flags] SCRIPT.py [args] (or -m module)")
         if self.script and not Path(self.script).is_file():
             raise LaunchError(f"script {self.script} does not exist")
+        if self.module:
+            check_module(self.module)
+
+
+def check_module(name: str) -> None:
+    """``-m NAME`` names a module this Python finds from the current folder, as ``python -m`` would;
+    one line instead of runpy's traceback on every rank."""
+    import importlib.util
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package is missing, or the name is not a module name
+        found = False
+    finally:
+        sys.path.pop(0)
+    if not found:
+        raise LaunchError(
+            f"-m {name}: no module named {name!r} on this Python's path (the current folder, then "
+            f"PYTHONPATH and site-packages of {sys.executable}); check the name, or give the script's path"
+        )
 
 
 class ScriptStop(BaseException):  # noqa: N818 - a control-flow signal, like SystemExit
@@ -109,7 +130,9 @@ def execute(target: Target) -> int:
     saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else ""
     try:
         if target.module:
+            check_module(target.module)  # under torchrun, this rank is the first to look
             sys.argv = [target.module, *target.args]
+            sys.path[0] = os.getcwd()  # as `python -m` has it
             runpy.run_module(target.module, run_name="__main__", alter_sys=True)
         else:
             sys.argv = [target.script, *target.args]

@@ -6,11 +6,14 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import flip_inside_largest_tensor, launch, tiny, weights
+from conftest import LAUNCH, flip_inside_largest_tensor, launch, run, tiny, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
@@ -251,3 +254,106 @@ def test_resume_restores_the_rng_a_dropout_model_draws_from(demo: Path, tmp_path
     nodrop = launch("train", *tiny(demo, tmp_path, "nodrop", "train.epochs=2"))
     assert nodrop.returncode == 0
     assert not all(torch.equal(a[k], v) for k, v in weights(tmp_path / "nodrop").items())  # dropout did act
+
+
+# ----------------------------------------------------------------------------- permissions
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A folder another user can reach (pytest's tmp_path is root's alone), removed afterwards."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="perm-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    shutil.rmtree(folder)
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    """launch.py without privileges (`unshare -U`: still the files' owner, but without the capability
+    that lets root ignore permission bits; so a mode without the owner's bits denies it)."""
+    return run(["unshare", "-U", sys.executable, LAUNCH, *args], timeout=120)
+
+
+def test_unreadable_and_unwritable_paths_are_one_line_each(shared_tmp: Path) -> None:
+    if subprocess.run(["unshare", "-U", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -U (an unprivileged user namespace) is not allowed here")
+    from PIL import Image
+
+    root = shared_tmp / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (i * 40, 90, 9)).save(root / c / f"{i}.png")
+    for p in [shared_tmp, root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    out = shared_tmp / "runs"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    stats = shared_tmp / "stats"
+    stats.mkdir()
+    stats.chmod(0o555)  # nobody may write there
+    sets = ["--set", f"data.root={root}", "--set", f"data.val_root={root}", "--set", f"run.out_dir={out}",
+            "--set", "data.batch_size=4"]  # fmt: skip
+    sets = [*sets, "--set", "data.num_workers=2", "--set", "train.epochs=1"]
+    res = as_nobody("train", *sets, "--set", f"data.stats_cache={stats}")
+    refused(res, f"data.stats_cache {stats} is not writable (Permission denied)", "set data.stats_cache")
+    assert "computing exact dataset stats" not in res.stderr, "the pass ran before the check"
+    writable = ["--set", f"data.stats_cache={out / 's'}"]
+    (root / "b" / "2.png").chmod(0o044)
+    refused(as_nobody("train", *sets, *writable), f"cannot read {root / 'b' / '2.png'}: Permission denied")
+    (root / "b").chmod(0o055)
+    refused(
+        as_nobody("train", *sets, *writable), "cannot read 1 folder(s)", f"{root / 'b'} (Permission denied)"
+    )
+    root.chmod(0o055)
+    refused(as_nobody("train", *sets, *writable), f"cannot read image folder {root}: Permission denied")
+
+
+# ----------------------------------------------------------------------------- newer commands
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["bench", "parallel", "--steps", "0"], ["bench parallel --steps 0: must be a positive integer"]),
+        (["bench", "parallel", "--steps", "-1"], ["--steps -1: must be a positive integer"]),
+        (["bench", "parallel", "--warmup", "-1"], ["--warmup -1: must be an integer >= 0"]),
+        (
+            ["bench", "parallel", "--image-size", "3"],
+            ["small_cnn cannot take 3 x 3 px", "--image-size 8 or more"],
+        ),
+        (["run", "-m", "no_such_module"], ["-m no_such_module: no module named 'no_such_module'"]),
+        (["run", "--nproc-per-node", "2", "-m", "no_such_module"], ["no module named 'no_such_module'"]),
+    ],
+    ids=["steps-0", "steps-neg", "warmup-neg", "image-size-3", "run-m", "run-m-2-ranks"],
+)
+def test_bad_values_for_the_newer_commands_are_one_line(
+    args: list[str], needles: list[str], tmp_path: Path
+) -> None:
+    res = launch(*args, "--set", f"run.out_dir={tmp_path}")
+    refused(res, *needles)
+    assert not list(tmp_path.iterdir()), "a refused start left a run directory"
+
+
+def test_a_bad_image_in_the_size_scan_of_the_cache_is_one_line_or_skipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (16, 16), (i * 40, 90, 9)).save(tmp_path / "d" / c / f"{i}.png")
+    (tmp_path / "d" / "b" / "3.png").write_bytes(b"")  # zero bytes
+    d = tmp_path / "d"
+    sets = ["--set", f"data.root={d}", "--set", f"data.val_root={d}", "--set", "data.cache=disk",
+            "--set", f"data.cache_dir={tmp_path / 'c'}", "--set", f"run.out_dir={tmp_path / 'r'}",
+            "--set", "data.batch_size=4", "--set", "train.epochs=1", "--set", "data.mean=0.5,0.5,0.5",
+            "--set", "data.std=0.25,0.25,0.25"]  # fmt: skip
+    refused(launch("train", *sets), "cannot read the size of", "3.png", "set data.on_bad_image = 'skip'")
+    skipped = launch("train", *sets, "--set", "data.on_bad_image=skip", "--set", "run.name=s")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "skipping cannot read the size of" in skipped.stderr
+    assert (tmp_path / "r" / "s" / "bad_images.txt").read_text().count("3.png") >= 1
