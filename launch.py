@@ -83,6 +83,11 @@ COMMANDS = (
     "bench",
 )
 SCRIPT = str(Path(__file__).resolve())
+SCRIPT_EPILOG = """\
+SCRIPT.py or -m MODULE: the script runs as __main__ in every worker with its own arguments,
+untouched (everything from the first positional, -m or -- on is the script's). Its exit code is
+the job's; exit 3 from memcheck (or on_leak = fail) is a leak only when the line under the
+verdict table says so."""
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
 
 # --------------------------------------------------------------------------- CLI
@@ -203,12 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         parents=[common, launcher],
         help="your own script (SCRIPT.py args, or -m module args) under the memory monitor; torchrun drop-in",
+        usage="launch.py run [flags] SCRIPT.py [script args...]\n"
+        "       launch.py run [flags] -m MODULE [args...]",
+        epilog=SCRIPT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.set_defaults(steps=None)
     mem = sub.add_parser(
         "memcheck",
         parents=[common, launcher],
         help="the training job (or -- SCRIPT.py args) with the leak detector set to fail; exit 3 on a leak",
+        usage="launch.py memcheck [flags] [--steps N]                 (our training job)\n"
+        "       launch.py memcheck [flags] [--steps N] [--] SCRIPT.py [args...]\n"
+        "       launch.py memcheck [flags] [--steps N] -m MODULE [args...]",
+        epilog=SCRIPT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mem.add_argument("--steps", type=_positive, help="optimizer steps to watch (our job: 300; a script: all)")
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")

@@ -168,8 +168,8 @@ def describe_failure(rank: int, failure: object, run_dir: str = "") -> str:
     if "elastic/errors.html" in str(message):
         message = ""  # torch's placeholder: the worker exited without raising
     kind, _, rest = str(message).partition(": ")
-    if rest and kind in user_error_names():  # one of ours: the message is the whole story
-        message = rest
+    if rest and kind in user_error_names():  # one of ours: the rank logged it (errors show from every rank)
+        message = "its error is above"
     if not message:
         message = exit_reason(exitcode, run_dir)  # an exit status, not a crash
     return (

@@ -176,7 +176,23 @@ def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job, own_group:
     bind_device(ctx)
     with process_group(ctx, cfg.dist.timeout_s):
         run_dir = make_run_dir(ctx, cfg, command)
-        return job(ctx, cfg, run_dir)
+        try:
+            return job(ctx, cfg, run_dir)
+        except LaunchError:
+            if ctx.is_main:
+                drop_if_bare(run_dir)
+            raise
+
+
+def drop_if_bare(run_dir: Path) -> None:
+    """A start refused before it wrote anything leaves no run directory holding only config.toml
+    (they pile up, and look like runs). Anything else in it, and it stays."""
+    try:
+        if [p.name for p in run_dir.iterdir()] == ["config.toml"]:
+            (run_dir / "config.toml").unlink()
+            run_dir.rmdir()  # fails, harmlessly, if another rank wrote a file meanwhile
+    except OSError:
+        pass
 
 
 def run_recorded(fn: Callable[[], int]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from datasets.folder import write_bad_images
+from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine.state import Hook, Run
 from distrib.engine.step import Engine, autocast
@@ -27,6 +29,14 @@ log = logging.getLogger(__name__)
 METRICS_COLUMNS = ["epoch", "split", "loss", "acc", "images", "seconds", "images_per_s", "lr"]
 
 
+def planned_epochs(cfg: Config, batches_per_epoch: int) -> int:
+    """The epochs the run will train: train.epochs, or fewer when train.max_steps ends it first."""
+    if not cfg.train.max_steps:
+        return cfg.train.epochs
+    per_epoch = max(1, math.ceil(batches_per_epoch / cfg.train.accum_steps))
+    return min(cfg.train.epochs, math.ceil(cfg.train.max_steps / per_epoch))
+
+
 class StepLog(Hook):
     """Rank 0's progress line and steps.csv, every ``train.log_every`` optimizer steps.
 
@@ -34,8 +44,10 @@ class StepLog(Hook):
     points, reduced across ranks only at those points.
     """
 
-    def __init__(self, run_dir: Path, every: int, total_steps: int):
-        self.every, self.total = every, total_steps
+    def __init__(self, run_dir: Path, every: int, total_steps: int, epochs: int):
+        """``epochs``: how many epochs the run will train (fewer than train.epochs when max_steps ends
+        it first: memcheck's 300 steps are not "epoch 1/1000000")."""
+        self.every, self.total, self.epochs = every, total_steps, epochs
         self.t0 = self.tw = time.perf_counter()
         self.start_step: int | None = None
         self.path = run_dir / "steps.csv"
@@ -74,7 +86,7 @@ class StepLog(Hook):
         log.info(
             "epoch %d/%d step %d/%d loss %.4f lr %.4g %.0f img/s ETA %s",
             prog.epoch + 1,
-            run.cfg.train.epochs,
+            self.epochs,
             prog.global_step,
             self.total,
             loss,
@@ -165,7 +177,7 @@ def end_of_epoch(run: Run) -> dict[str, Any]:
     log.info(
         "epoch %d/%d train loss %.4f acc %.4f | %s | %.0f img/s",
         prog.epoch + 1,
-        run.cfg.train.epochs,
+        planned_epochs(run.cfg, run.eng.batches_per_epoch),
         train["loss"],
         train["acc"],
         shown,

@@ -35,7 +35,7 @@ from distrib import hang, signals
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
-from distrib.engine.metrics import StepLog, end_of_epoch, finish, trim_steps, write_metrics
+from distrib.engine.metrics import StepLog, end_of_epoch, finish, planned_epochs, trim_steps, write_metrics
 from distrib.engine.state import EpochSums, Hook, Run, preflight, resume, resume_path, save
 from distrib.engine.step import (
     Feed,
@@ -239,7 +239,8 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
         len(feed.classes),
         run.eng.batches_per_epoch,
     )
-    run.hooks.append(StepLog(run_dir, cfg.train.log_every, total_steps(cfg, run.eng.batches_per_epoch)))
+    bpe = run.eng.batches_per_epoch
+    run.hooks.append(StepLog(run_dir, cfg.train.log_every, total_steps(cfg, bpe), planned_epochs(cfg, bpe)))
     monitor = start_monitor(run) if cfg.memory.enabled else None
     watchdog = start_watchdog(run)
     try:

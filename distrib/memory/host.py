@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import runpy
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -167,18 +169,51 @@ def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, 
     counter = StepCounter(monitor, max_steps)
     handle = register_optimizer_step_post_hook(counter)
     log.info("running %s %s under the memory monitor", target.name, " ".join(target.args))
-    code, own = 0, True
+    code, own, raised = 0, True, None
+    term = TermGuard().install()
     try:
         code = execute(target)
     except ScriptStop as stop:
         code, own = stop.code, False
         (log.error if stop.code else log.info)("%s", stop)
+    except Terminated:
+        code = 128 + signal.SIGTERM
+        log.warning("the script was stopped by SIGTERM (the agent ends every rank when one fails)")
+    except BaseException as e:  # the script raised or was interrupted: what was measured is still written
+        code, raised = (128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1), e
     finally:
+        term.running = False
         handle.remove()
-        monitor.finish()
+        monitor.finish({"code": code, "from": "script" if own else "monitor"})
     if counter.steps == 0:
         log.info("the script made no optimizer step: memory was judged on %s samples", "time")
-    return conclude(ctx, run_dir, Outcome(code, own), target)
+    code = conclude(ctx, run_dir, Outcome(code, own), target, term)
+    if raised is not None:
+        raise raised  # the script's own traceback, as python would show it
+    return code
+
+
+class Terminated(BaseException):  # noqa: N818 - a control-flow signal, like KeyboardInterrupt
+    """SIGTERM while the script runs (the agent stopping every rank after one failed)."""
+
+
+class TermGuard:
+    """SIGTERM ends the script with :class:`Terminated`, so the monitor still writes what it measured
+    and rank 0 the summary; after the script it only stops rank 0 waiting for other ranks' reports."""
+
+    def __init__(self) -> None:
+        self.running, self.received = True, False
+
+    def install(self) -> TermGuard:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self)
+        return self
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = True
+        if self.running:
+            self.running = False
+            raise Terminated()
 
 
 @dataclass(frozen=True)
@@ -200,23 +235,31 @@ class Outcome:
         return f"exit {self.code}{warned}"
 
 
-def conclude(ctx: DistContext, run_dir: Path, outcome: Outcome, target: Target | None) -> int:
+def conclude(
+    ctx: DistContext, run_dir: Path, outcome: Outcome, target: Target | None, term: TermGuard | None = None
+) -> int:
     """Rank 0 puts the ranks side by side (summary.json, memory.png, the table) and says where the
     exit code comes from. It waits for the other ranks' reports only on a clean exit: after a
-    failure, the others may be blocked in a collective this rank will never join."""
+    failure, the others may be blocked in a collective this rank will never join (and a SIGTERM
+    ends the wait)."""
     if not ctx.is_main:
         return outcome.code
-    summary, reports = combine(run_dir, ctx.world_size, wait_s=30.0 if outcome.code == 0 else 2.0)
+    wait = 30.0 if outcome.code == 0 else 2.0
+    stop = (lambda: term.received) if term is not None else None
+    summary, reports = combine(run_dir, ctx.world_size, wait_s=wait, give_up=stop)
+    ended = {str(r["rank"]): r["exit"] for r in reports if r.get("exit")}
+    first = next((e for e in ended.values() if e["code"]), None)  # the job's code: the first rank that failed
     record = {
         "memory": summary,
-        "exit_code": outcome.code,
-        "exit_from": "script" if outcome.own else "monitor",
+        "exit_code": first["code"] if first else outcome.code,
+        "exit_from": first["from"] if first else ("script" if outcome.own else "monitor"),
+        "exit_per_rank": ended,
         "leak": bool(summary["leak_ranks"]),
     }
     if target is not None:
         record["target"] = {"name": target.name, "args": list(target.args)}
     (run_dir / "summary.json").write_text(json.dumps(record, indent=2))
-    line = outcome.explain(summary["leak_ranks"])
+    line = Outcome(record["exit_code"], record["exit_from"] == "script").explain(summary["leak_ranks"])
     sys.stdout.write(verdict_table(reports) + f"\nmemory files: {run_dir}\n{line}\n")
     sys.stdout.flush()
     return outcome.code

@@ -196,8 +196,10 @@ class Monitor:
         fresh = children_rss_fast()
         return fresh if fresh is not None else (self.sampler.slow.workers_rss if self.sampler else None)
 
-    def finish(self) -> Finding:
-        """Stop sampling, judge the whole run, write memory_rank<N>.csv and .json."""
+    def finish(self, exit_info: dict[str, Any] | None = None) -> Finding:
+        """Stop sampling, judge the whole run, write memory_rank<N>.csv and .json (with ``exit_info``:
+        how this rank's script ended, for rank 0's summary)."""
+        self.exit_info = exit_info
         if self.sampler is not None:
             self.sampler.stop()
             if not self.rows["step"]:
@@ -334,6 +336,7 @@ class Monitor:
             "steps_to_oom": f.steps_to_oom,
             "message": f.line(self.where.rank, self.where.device).replace("/step", f"/{self.unit}"),
             "unit": self.unit,
+            "exit": getattr(self, "exit_info", None),
         }
 
 

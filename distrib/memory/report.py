@@ -11,20 +11,25 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def rank_reports(run_dir: Path, world: int, wait_s: float = 30.0) -> list[dict[str, Any]]:
+def rank_reports(
+    run_dir: Path, world: int, wait_s: float = 30.0, give_up: Callable[[], bool] | None = None
+) -> list[dict[str, Any]]:
     """The ranks' memory_rank<N>.json, waiting up to ``wait_s`` for ranks that finish later
-    (and saying so, after a second, naming the ranks it waits for)."""
+    (and saying so, after a second, naming the ranks it waits for), or until ``give_up()``."""
     start = time.monotonic()
     paths = [run_dir / f"memory_rank{r}.json" for r in range(world)]
     said = False
     deadline = start + wait_s
     while (missing := [r for r, p in enumerate(paths) if not p.exists()]) and time.monotonic() < deadline:
+        if give_up is not None and give_up():
+            break
         if not said and time.monotonic() > start + 1.0:
             log.info(
                 "memory: waiting up to %.0f s more for the report of rank(s) %s (still running their script)",
@@ -128,9 +133,11 @@ def plot(run_dir: Path, reports: list[dict[str, Any]]) -> Path | None:
     return path
 
 
-def combine(run_dir: Path, world: int, wait_s: float = 30.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def combine(
+    run_dir: Path, world: int, wait_s: float = 30.0, give_up: Callable[[], bool] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """summary and per-rank reports of the run; memory.png drawn beside them."""
-    reports = rank_reports(run_dir, world, wait_s)
+    reports = rank_reports(run_dir, world, wait_s, give_up)
     if reports:
         plot(run_dir, reports)
     return summary(reports), reports

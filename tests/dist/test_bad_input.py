@@ -353,7 +353,25 @@ def test_a_bad_image_in_the_size_scan_of_the_cache_is_one_line_or_skipped(tmp_pa
             "--set", "data.batch_size=4", "--set", "train.epochs=1", "--set", "data.mean=0.5,0.5,0.5",
             "--set", "data.std=0.25,0.25,0.25"]  # fmt: skip
     refused(launch("train", *sets), "cannot read the size of", "3.png", "set data.on_bad_image = 'skip'")
+    assert not list((tmp_path / "r").iterdir()), "a refused start left a run directory holding config.toml"
     skipped = launch("train", *sets, "--set", "data.on_bad_image=skip", "--set", "run.name=s")
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert "skipping cannot read the size of" in skipped.stderr
     assert (tmp_path / "r" / "s" / "bad_images.txt").read_text().count("3.png") >= 1
+
+
+def test_a_ranks_user_error_is_printed_once_under_our_launcher(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16 + i, 16), (9, 9, 9)).save(tmp_path / "d" / c / f"{i}.png")
+    d = tmp_path / "d"
+    res = launch("train", "--nproc-per-node", "2", "--set", f"data.root={d}", "--set", f"data.val_root={d}",
+                 "--set", "data.cache=disk", "--set", f"data.cache_dir={tmp_path / 'c'}", "--set",
+                 f"run.out_dir={tmp_path / 'r'}", "--set", "data.batch_size=2")  # fmt: skip
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.count("stores images of one size, and these differ") == 1, res.stderr
+    assert "worker rank 0" in res.stderr and "its error is above" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not list((tmp_path / "r").iterdir())

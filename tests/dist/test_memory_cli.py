@@ -118,6 +118,10 @@ def test_run_names_a_failing_rank_like_train(tmp_path: Path) -> None:
     )
     assert res.returncode == 1
     assert "worker rank 1" in res.stderr and "ValueError: bad value in the user's script" in res.stderr
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # what was measured is still written
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exit_code"] == 1 and summary["exit_from"] == "script"
+    assert (run_dir / "memory_rank1.json").exists() and (run_dir / "memory_rank0.json").exists()
 
 
 def test_run_a_module_with_dash_m(tmp_path: Path) -> None:
