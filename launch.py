@@ -88,7 +88,19 @@ SCRIPT.py or -m MODULE: the script runs as __main__ in every worker with its own
 untouched (everything from the first positional, -m or -- on is the script's). Its exit code is
 the job's; exit 3 from memcheck (or on_leak = fail) is a leak only when the line under the
 verdict table says so."""
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
+# configs/ beside launch.py (a checkout, or `pip install -e`), else the copy a plain `pip install`
+# puts under <prefix>/share/torchlaunch (the `torchlaunch` command then finds it from any folder)
+DEFAULT_CONFIG = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parent / "configs" / "default.toml",
+            Path(sys.prefix) / "share" / "torchlaunch" / "configs" / "default.toml",
+        )
+        if p.is_file()
+    ),
+    Path(__file__).resolve().parent / "configs" / "default.toml",
+)
 
 # --------------------------------------------------------------------------- CLI
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 import launch
 from distrib.config import load_config
@@ -136,3 +140,33 @@ def test_config_command_prints_resolved_typed_toml(capsys: pytest.CaptureFixture
 def test_flags_win_over_set() -> None:
     args = launch.build_parser().parse_args(["config", "--set", "launch.gpus=[3]", "--gpus", "0"])
     assert launch.flag_overrides(args) == ["launch.gpus=[0]"]
+
+
+def test_the_torchlaunch_command_works_from_any_folder_with_the_default_config(tmp_path: Path) -> None:
+    """`pip install` gives a `torchlaunch` command (= python launch.py); from another folder it still
+    reads configs/default.toml."""
+    exe = Path(sys.executable).with_name("torchlaunch")
+    if not exe.exists():
+        pytest.skip("the project is not installed in this interpreter's environment (pip install -e .)")
+    res = subprocess.run([str(exe), "config"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "synthetic = 200" in res.stdout and "width = 16" in res.stdout  # default.toml's, not the code's
+
+
+def test_a_wheel_holds_every_module_and_the_configs(tmp_path: Path) -> None:
+    """A plain (not editable) install has every sub-package and the configs."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    cmd += ["-w", str(tmp_path)]
+    res = subprocess.run([*cmd, str(REPO)], capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        pytest.skip(f"pip wheel cannot build here: {res.stderr[-300:]}")
+    import zipfile
+
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {
+        str(p.relative_to(REPO)) for top in ("distrib", "datasets") for p in (REPO / top).rglob("*.py")
+    }
+    assert modules and not modules - names, sorted(modules - names)
+    assert any(n.endswith("share/torchlaunch/configs/default.toml") for n in names)
+    assert "launch.py" in names
