@@ -157,6 +157,15 @@ def exit_reason(exitcode: object, run_dir: str) -> str:
     return ""
 
 
+def recorded_kind(failure: object) -> str:
+    """The class name of the error a failed worker recorded ('' when none)."""
+    message = getattr(failure, "message", "")
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    kind, sep, _ = str(message).partition(": ")
+    return kind if sep else ""
+
+
 def describe_failure(rank: int, failure: object, run_dir: str = "") -> str:
     """One paragraph naming the failed rank, its exit code and its error."""
     message = getattr(failure, "message", "")
@@ -194,7 +203,10 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        log.error("%s", describe_failure(rank, failure, plan.run_dir))
+        if recorded_kind(failure) == "Stopped":  # a signal to a rank, not to us: the ranks said where
+            log.warning("the workers stopped on a signal rank %d got (their lines are above)", rank)
+        else:
+            log.error("%s", describe_failure(rank, failure, plan.run_dir))
         code = getattr(failure, "exitcode", 1)
         return code if isinstance(code, int) and code > 0 else 1
     return 0

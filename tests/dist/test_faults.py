@@ -145,14 +145,15 @@ def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
     return psutil.Process(proc.pid).children(recursive=True)
 
 
-def stop_and_check(proc: subprocess.Popen, sig: int, run_dir: Path, ranks: int) -> str:
-    """Send ``sig`` once training runs; the job stops, checkpointed, one line per rank, nothing left."""
+def stop_and_check(proc: subprocess.Popen, sig: int, run_dir: Path, ranks: int, only_rank: str = "") -> str:
+    """Send ``sig`` once training runs (to the job, or to rank ``only_rank`` alone); the job stops,
+    every rank at the same step, checkpointed, one line per rank, nothing left."""
     deadline = time.monotonic() + 120
     while steps_logged(run_dir) < 4 and time.monotonic() < deadline:
         time.sleep(0.02)
     tree = descendants(proc)
     start = time.monotonic()
-    os.kill(proc.pid, sig)
+    os.kill(ranks_of(proc)[only_rank].pid if only_rank else proc.pid, sig)
     out = finish(proc, 60)
     took = time.monotonic() - start
     left = psutil.wait_procs(tree, timeout=10)[1]
@@ -161,18 +162,24 @@ def stop_and_check(proc: subprocess.Popen, sig: int, run_dir: Path, ranks: int) 
     assert left == [], f"processes left after the stop: {left}"
     name = signal.Signals(sig).name
     assert out.count(f"stopped on {name} at epoch") == ranks, out[-3000:]
+    where = {line.split(f"stopped on {name} at ")[1].split(";")[0] for line in out.splitlines()
+             if f"stopped on {name} at epoch" in line}  # fmt: skip
+    assert len(where) == 1, f"the ranks stopped at different steps: {where}"
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
     assert took < 30, took
     return out
 
 
-def test_sigterm_to_our_launcher_stops_every_rank_with_a_checkpoint_and_resume_is_exact(
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint_and_resume_is_exact(
     demo: Path, reference: Path, tmp_path: Path
 ) -> None:
+    """SIGTERM to rank 1 alone (a scheduler signalling one process, a user's kill): the ranks agree on
+    the stop, so rank 0 stops at the same step and writes the checkpoint. (SIGTERM to the whole job:
+    test_sigterm_to_torchruns_agent_stops_the_ranks_at_a_step.)"""
     args = [sys.executable, LAUNCH, "train", "--nproc-per-node", "2", *tiny(demo, tmp_path, "s", *SETS)]
     proc = start(args)
-    stop_and_check(proc, signal.SIGTERM, tmp_path / "s", ranks=2)
-    assert proc.returncode == 143
+    out = stop_and_check(proc, signal.SIGTERM, tmp_path / "s", ranks=2, only_rank="1")
+    assert proc.returncode == 143, out[-3000:]
     again = launch(*args[2:], "--resume", "auto", timeout=200)
     assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr[-3000:]
     same_run(reference, tmp_path / "s")
