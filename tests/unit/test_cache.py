@@ -336,3 +336,27 @@ def test_a_cache_file_cut_while_a_job_runs_is_one_line_not_zeros(tmp_path: Path)
         late.get(0, samples.paths[0])
     assert "\n" not in str(e.value) and str(folder) in str(e.value)
     assert (folder / "pixels.u8").stat().st_size == 100, "the map grew the file back"
+
+
+def test_a_pixel_write_that_fails_midway_leaves_the_slot_unflagged(tmp_path: Path) -> None:
+    """The order a killed writer relies on, made deterministic: the pixel write stops halfway (as a
+    SIGKILL or a full disk would), so the slot's flag must still say EMPTY (it is set last)."""
+    samples = images(tmp_path / "img", 3)
+    cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder((16, 16)))
+    pixels, entries = cache._open()
+
+    class HalfWrite:
+        def __getitem__(self, key):  # noqa: ANN001, ANN204
+            return pixels[key]
+
+        def __setitem__(self, key, value) -> None:  # noqa: ANN001
+            pixels[key][:, :8] = value[:, :8]  # half the rows land, then the write dies
+            raise OSError(28, "No space left on device")
+
+    cache._pixels = HalfWrite()  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        cache.get(1, samples.paths[1])
+    assert entries[1, 0] == EMPTY, "the slot was flagged before its pixels were complete"
+    cache._pixels = pixels
+    assert torch.equal(cache.get(1, samples.paths[1]), Decoder((16, 16))(samples.paths[1]))
+    assert entries[1, 0] == FILLED

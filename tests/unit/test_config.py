@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import REPO
 from distrib.config import (
     Config,
     ConfigError,
+    Range,
     config_from_dict,
     dump_config,
     load_config,
@@ -218,3 +220,73 @@ def test_run_name_is_a_plain_folder_name() -> None:
     for bad in ("..", "a/b", "."):
         with pytest.raises(ConfigError, match="must be a plain folder name"):
             load_config(None, [f"run.name={bad}"])
+
+
+# Every numeric key's interval, written out here: widening one in distrib/config.py (data.hflip
+# accepting 1.5) or adding a key without one fails below, whatever the config module says.
+BOUNDS = {
+    "run.seed": "[-9223372036854775808, 18446744073709551616)", "launch.gpus": "[0, inf)",
+    "dist.timeout_s": "(0, inf)", "data.synthetic": "[0, inf)", "data.val_fraction": "[0, 1)",
+    "data.batch_size": "[1, inf)", "data.num_workers": "[0, inf)", "data.resize": "[1, inf)",
+    "data.crop": "[1, inf)", "data.crop_scale": "(0, 1]", "data.hflip": "[0, 1]", "data.vflip": "[0, 1]",
+    "data.rotation": "[0, 180]", "data.mean": "[0, 1]", "data.std": "(0, 1]", "model.width": "[1, inf)",
+    "model.dropout": "[0, 1)", "optim.lr": "(0, inf)", "optim.momentum": "[0, 1]",
+    "optim.weight_decay": "[0, inf)", "optim.warmup_epochs": "[0, inf)", "optim.step_epochs": "[1, inf)",
+    "optim.gamma": "(0, 1]", "train.epochs": "[1, inf)", "train.max_steps": "[0, inf)",
+    "train.label_smoothing": "[0, 1)", "train.grad_clip": "[0, inf)", "train.accum_steps": "[1, inf)",
+    "train.log_every": "[1, inf)", "checkpoint.every_steps": "[0, inf)", "checkpoint.keep_last": "[1, inf)",
+    "memory.interval_s": "(0, inf)", "memory.warmup_steps": "[0, inf)", "memory.check_every": "[1, inf)",
+    "memory.min_steps": "[3, inf)", "memory.min_rate_kb": "(0, inf)", "memory.min_growth_mb": "(0, inf)",
+    "memory.census_gap": "[1, inf)",
+}  # fmt: skip
+
+
+def _setting(key: str, value: float) -> list[str]:
+    """--set items giving ``key`` the value (lists filled with it; data.mean/std given together)."""
+    v = repr(value)
+    lists = {"launch.gpus": 1, "data.resize": 2, "data.crop": 2, "data.crop_scale": 2, "data.mean": 3,
+             "data.std": 3}  # fmt: skip
+    item = f"{key}=[{', '.join([v] * lists[key])}]" if key in lists else f"{key}={v}"
+    partner = {"data.mean": "data.std=[0.5, 0.5, 0.5]", "data.std": "data.mean=[0.5, 0.5, 0.5]"}
+    return [item, *([partner[key]] if key in partner else [])]
+
+
+def _edges(key: str, interval: str, integer: bool) -> tuple[list[float], list[float]]:
+    """(values just inside each end, values just outside) of ``interval``."""
+    m = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", interval)
+    assert m, interval
+    kind = int if integer else float
+    lo, hi = (None if "inf" in t else kind(t) for t in (m.group(2), m.group(3)))  # exact for 2**64
+    step = 1 if integer else 1e-6
+    inside, outside = [], []
+    if lo is not None:
+        inside.append(lo + step if m.group(1) == "(" else lo)
+        outside.append(lo if m.group(1) == "(" else lo - step)
+    if hi is not None:
+        inside.append(hi - step if m.group(4) == ")" else hi)
+        outside.append(hi if m.group(4) == ")" else hi + step)
+    else:
+        inside.append(10**6)
+    return inside, outside
+
+
+def test_every_numeric_keys_bounds_hold_from_both_sides() -> None:
+    fields = {f"{s}.{k}": r for s, k, r in _numeric_fields()}
+    assert sorted(fields) == sorted(BOUNDS), "a numeric key without its interval in BOUNDS, or one gone"
+    for key, interval in BOUNDS.items():
+        assert str(fields[key]) == str(Range.parse(interval)), f"{key}: {fields[key]}, not {interval}"
+        integer = key not in FLOAT_KEYS
+        inside, outside = _edges(key, interval, integer)
+        for value in inside:
+            load_config(None, _setting(key, value))  # accepted
+        for value in outside:
+            with pytest.raises(ConfigError, match=re.escape(key)):
+                load_config(None, _setting(key, value))
+
+
+FLOAT_KEYS = {
+    "dist.timeout_s", "data.val_fraction", "data.crop_scale", "data.hflip", "data.vflip", "data.rotation",
+    "data.mean", "data.std", "model.dropout", "optim.lr", "optim.momentum", "optim.weight_decay",
+    "optim.warmup_epochs", "optim.gamma", "train.label_smoothing", "train.grad_clip", "memory.interval_s",
+    "memory.min_rate_kb", "memory.min_growth_mb",
+}  # fmt: skip

@@ -94,3 +94,20 @@ def test_a_corrupt_jpeg_is_named_or_skipped(tmp_path: Path) -> None:
     assert sum(len(b) for b in batches) == 5
     assert [s.path for b in batches for s in b.skipped] == [samples.paths[4]]
     assert 4 not in torch.cat([b.indices for b in batches]).tolist()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_skipped_image_mid_batch_keeps_every_other_items_target(tmp_path: Path, train: bool) -> None:
+    """Every item has its own label; the corrupt file sits inside a batch. The kept items' targets
+    and pixels are the CPU path's (a shift by one after the gap would mislabel the rest)."""
+    base = jpegs(tmp_path / "j", 8)
+    samples = Samples(base.paths, np.arange(8, dtype=np.int64), tuple(f"c{i}" for i in range(8)))
+    Path(samples.paths[1]).write_bytes(Path(samples.paths[1]).read_bytes()[:200])  # truncated
+    dev = list(loader(samples, True, train=train, on_bad_image="skip").epoch(0))
+    cpu = list(loader(samples, False, train=train, on_bad_image="skip").epoch(0))
+    assert any(len(b.skipped) for b in dev) and all(len(b) for b in dev)
+    for x, y in zip(dev, cpu, strict=True):
+        assert torch.equal(x.targets, torch.as_tensor(samples.targets)[x.indices]), (x.indices, x.targets)
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.targets, y.targets)
+        assert torch.equal(x.images, y.images)
+    assert 1 not in torch.cat([b.indices for b in dev]).tolist()

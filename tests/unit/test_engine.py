@@ -172,3 +172,39 @@ def test_paired_ratio_recovers_a_known_overhead_through_noise() -> None:
     assert r.as_percent().startswith("+3.") and "95% CI" in r.as_percent() and "300 pairs" in r.as_percent()
     with pytest.raises(ValueError):
         paired_ratio([1.0], [])
+
+
+def test_bench_parallels_loss_check_fails_a_mode_that_trains_something_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same first global losses pass; a ddp run whose losses drift by 1e-3 is marked NO."""
+    from distrib.bench.parallel import Spec, check_losses, summarise_mode, table
+
+    def ranks(world: int, losses: list[float]) -> list[dict]:
+        per = 8 // world  # one global batch of 8, split over the ranks: loss sums and counts per rank
+        return [{"seconds": [0.1, 0.1, 0.1], "data_wait": 0.0, "memory": {"rss": 2**20},
+                 "losses": [[loss * per, per] for loss in losses]} for _ in range(world)]  # fmt: skip
+
+    truth = [2.30, 2.21, 2.05]
+    single = summarise_mode(Spec("single", 1, 1, "small_cnn", 8, 32, 3, 0, "off"), ranks(1, truth), None)
+    same = summarise_mode(Spec("ddp", 2, 2, "small_cnn", 8, 32, 3, 0, "off"), ranks(2, truth), single)
+    drift = summarise_mode(Spec("ddp", 2, 2, "small_cnn", 8, 32, 3, 0, "off"),
+                           ranks(2, [truth[0], truth[1] * 1.001, truth[2]]), single)  # fmt: skip
+    rows = [single, same, drift]
+    with caplog.at_level("WARNING"):
+        check_losses(rows, "off")
+    assert [r["loss_ok"] for r in rows] == [True, True, False]
+    assert "ddp's losses differ from single's by 0.001" in caplog.text
+    assert table(rows, {}).count("| NO |") == 1
+    check_losses(rows, "bf16")  # 1e-3 is within bf16's 2e-2
+    assert all(r["loss_ok"] for r in rows)
+
+
+def test_planned_epochs_follow_max_steps() -> None:
+    from distrib.engine.metrics import planned_epochs
+
+    memcheck = load_config(None, ["train.epochs=1000000", "train.max_steps=300"])
+    assert planned_epochs(memcheck, 7) == 43  # 300 steps of 7 batches: 43 epochs, not a million
+    assert planned_epochs(load_config(None, ["train.epochs=5"]), 7) == 5
+    accum = load_config(None, ["train.epochs=50", "train.max_steps=10", "train.accum_steps=2"])
+    assert planned_epochs(accum, 8) == 3  # 4 steps per epoch
