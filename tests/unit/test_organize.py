@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from datasets import organize as org
+from datasets import placing
 from datasets.organize import organize
 from datasets.synthetic import write_synthetic
 from distrib.errors import LaunchError
@@ -248,7 +249,7 @@ def test_move_interrupted_between_link_and_unlink_loses_nothing(
 def test_partial_copy_of_a_killed_run_is_cleaned_and_redone(tmp_path: Path) -> None:
     images = flat(tmp_path, ["a.png"])
     (tmp_path / "out" / "x").mkdir(parents=True)
-    (tmp_path / "out" / "x" / ("a.png" + org._TMP_SUFFIX)).write_bytes(b"half")
+    (tmp_path / "out" / "x" / ("a.png" + placing._TMP_SUFFIX)).write_bytes(b"half")
     organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, tmp_path / "out", mode="copy")
     assert [p.name for p in (tmp_path / "out" / "x").iterdir()] == ["a.png"]
 
@@ -382,7 +383,7 @@ def test_move_keeps_the_source_when_the_destination_cannot_be_written(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "link", no_link)
-    monkeypatch.setattr(org.shutil, "copyfileobj", failing_copy)
+    monkeypatch.setattr(placing.shutil, "copyfileobj", failing_copy)
     with pytest.raises(LaunchError, match="No space left"):
         organize(csv_path, images, tmp_path / "out", mode="move")
     assert (images / "a.png").read_bytes() == b"bytes of a.png" and (images / "b.png").exists()
@@ -433,7 +434,7 @@ def test_two_organizes_of_one_csv_at_once_both_succeed(tmp_path: Path, mode: str
         placed = sorted(p.name for p in (base / "out").rglob("*.png"))
         assert placed == names, round_
         assert all(p.read_bytes() == f"bytes of {p.name}".encode() for p in (base / "out").rglob("*.png"))
-        assert not list((base / "out").rglob("*" + org._TMP_SUFFIX)), "a temporary was left"
+        assert not list((base / "out").rglob("*" + placing._TMP_SUFFIX)), "a temporary was left"
         assert len((base / "out" / org.MANIFEST).read_text().splitlines()) == len(names) + 1
         if mode == "move":
             assert list(images.iterdir()) == []
@@ -442,15 +443,15 @@ def test_two_organizes_of_one_csv_at_once_both_succeed(tmp_path: Path, mode: str
 def test_cleanup_spares_the_temporaries_of_a_run_still_going(tmp_path: Path) -> None:
     import subprocess
 
-    mine = org.temporary(tmp_path / "a.png")  # this process: alive
+    mine = placing.temporary(tmp_path / "a.png")  # this process: alive
     mine.write_bytes(b"half")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    gone = tmp_path / f"b.png.{__import__('socket').gethostname()}-{dead.pid}-abcdef{org._TMP_SUFFIX}"
+    gone = tmp_path / f"b.png.{__import__('socket').gethostname()}-{dead.pid}-abcdef{placing._TMP_SUFFIX}"
     gone.write_bytes(b"half")
-    old = tmp_path / ("c.png" + org._TMP_SUFFIX)  # the older layout: nobody's
+    old = tmp_path / ("c.png" + placing._TMP_SUFFIX)  # the older layout: nobody's
     old.write_bytes(b"half")
-    assert org.cleanup_temporaries(tmp_path) == 2
+    assert placing.cleanup_temporaries(tmp_path) == 2
     assert mine.exists() and not gone.exists() and not old.exists()
 
 
