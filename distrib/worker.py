@@ -112,7 +112,7 @@ def make_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
 
 def script_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
     """The run directory of a user's script: named alike on every rank without a collective."""
-    from distrib.memory.host import run_name
+    from distrib.memory.userscript import run_name
 
     path = Path(cfg.run.out_dir) / run_name(cfg, dict(os.environ))
     refusal = claim_run_dir(cfg, path, command)  # every rank reads the same files: the same answer

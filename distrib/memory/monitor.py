@@ -1,7 +1,7 @@
 """The per-rank memory monitor: readings at step boundaries, a background sampler, the verdict.
 
 Used by the engine (through a loop hook) and around a user's own script (through
-torch's global optimizer-step hook, distrib/memory/host.py); it never needs a process
+torch's global optimizer-step hook, distrib/memory/userscript.py); it never needs a process
 group of its own. What it adds to a step is a few cheap readings (torch's allocator
 counters, glibc's mallinfo2, /proc RSS); everything that costs more (NVML, the children's
 RSS, USS) happens in a background thread, and the tensor census only when a leak is

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 import launch
+from distrib import cli
 from distrib.config import load_config
 from distrib.devices import DevicePlan, GpuInfo, Inventory
 from distrib.errors import LaunchError
@@ -19,9 +20,9 @@ from distrib.spawn import SpawnPlan, check_plan, strip_launcher_flags, torchrun_
 
 
 def test_default_command_is_train() -> None:
-    assert launch.normalise_argv([]) == ["train"]
-    assert launch.normalise_argv(["--nproc-per-node", "2"]) == ["train", "--nproc-per-node", "2"]
-    assert launch.normalise_argv(["env", "--json"]) == ["env", "--json"]
+    assert cli.normalise_argv([]) == ["train"]
+    assert cli.normalise_argv(["--nproc-per-node", "2"]) == ["train", "--nproc-per-node", "2"]
+    assert cli.normalise_argv(["env", "--json"]) == ["env", "--json"]
 
 
 def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,7 +33,7 @@ def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.parametrize("spelling", ["--nproc-per-node", "--nproc_per_node"])
 def test_torchrun_spellings_both_work(spelling: str) -> None:
-    args = launch.build_parser().parse_args(
+    args = cli.build_parser().parse_args(
         ["train", spelling, "2", "--master_port", "1234", "--node-rank", "1", "--log_ranks", "all"]
     )
     assert (args.nproc_per_node, args.master_port, args.node_rank, args.log_ranks) == ("2", 1234, 1, "all")
@@ -49,7 +50,7 @@ def test_torchrun_spellings_both_work(spelling: str) -> None:
 )
 def test_bad_launcher_flags(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        launch.build_parser().parse_args(argv)
+        cli.build_parser().parse_args(argv)
     assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
@@ -99,7 +100,7 @@ def test_master_port_in_use_is_caught_before_spawning() -> None:
 
 
 def _args(nproc: str) -> argparse.Namespace:
-    return launch.build_parser().parse_args(["train", "--nproc-per-node", nproc])
+    return cli.build_parser().parse_args(["train", "--nproc-per-node", nproc])
 
 
 def _inv(n: int) -> Inventory:
@@ -138,8 +139,8 @@ def test_config_command_prints_resolved_typed_toml(capsys: pytest.CaptureFixture
 
 
 def test_flags_win_over_set() -> None:
-    args = launch.build_parser().parse_args(["config", "--set", "launch.gpus=[3]", "--gpus", "0"])
-    assert launch.flag_overrides(args) == ["launch.gpus=[0]"]
+    args = cli.build_parser().parse_args(["config", "--set", "launch.gpus=[3]", "--gpus", "0"])
+    assert cli.flag_overrides(args) == ["launch.gpus=[0]"]
 
 
 def test_the_torchlaunch_command_works_from_any_folder_with_the_default_config(tmp_path: Path) -> None:

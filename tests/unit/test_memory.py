@@ -13,10 +13,10 @@ import torch
 from distrib.config import MemorySection, load_config
 from distrib.memory import census as cs
 from distrib.memory.detect import Thresholds, classify, mann_kendall_z, steps_to_oom, theil_sen, trend
-from distrib.memory.host import Target, run_name, split_target
 from distrib.memory.monitor import Monitor, Where, recorder_allowance
 from distrib.memory.probe import Probe, nvml_uuid
 from distrib.memory.report import verdict_table
+from distrib.memory.userscript import Target, run_name, split_target
 
 TH = Thresholds(warmup_steps=20, min_steps=40, rate=2048, total=2 << 20)
 MIB = 2**20
