@@ -110,8 +110,73 @@ def run_many(jobs: Sequence[tuple[Sequence[str], dict[str, str]]], timeout: floa
     ]
 
 
-def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 90):
-    return run([sys.executable, LAUNCH, *args], env=env, timeout=timeout)
+def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 90, fresh: bool = False):
+    """``python launch.py *args``: forked from the test fork server (tests/zygote.py: torch is already
+    imported there), or a fresh interpreter when ``fresh``, when ``env`` sets PYTHONPATH (the fakes
+    patch imports at start-up) or when TEST_FRESH_INTERPRETERS=1. Same session, files, exit code."""
+    env = env or clean_env()
+    server = None if fresh or "PYTHONPATH" in env else zygote()
+    if server is None:
+        return run([sys.executable, LAUNCH, *args], env=env, timeout=timeout)
+    return forked(server, list(args), env, timeout)
+
+
+_ZYGOTE: dict[str, object] = {}
+
+
+def zygote() -> str | None:
+    """The fork server's socket, started on first use (None: fresh interpreters for every run)."""
+    if "path" not in _ZYGOTE:
+        _ZYGOTE["path"] = None
+        if os.environ.get("TEST_FRESH_INTERPRETERS") == "1":
+            return None
+        import atexit
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="zygote-"), "sock")
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py"), path], cwd=REPO,
+                                env=clean_env(), stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            proc.kill()
+            return None
+        atexit.register(proc.kill)
+        _ZYGOTE.update(path=path, proc=proc)
+    return _ZYGOTE["path"]  # type: ignore[return-value]
+
+
+def forked(
+    server: str, args: list[str], env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """One launch.py run forked by the fork server; its session is killed on timeout, and no process
+    may be left in it afterwards (as :func:`run` checks)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        request = {"args": args, "env": env, "cwd": str(REPO), "out": out, "err": err}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(server)
+            stream = sock.makefile("rw")
+            stream.write(json.dumps(request) + "\n")
+            stream.flush()
+            pid = int(stream.readline())
+            sock.settimeout(timeout)
+            try:
+                code = int(stream.readline())
+            except TimeoutError:
+                os.killpg(pid, signal.SIGKILL)
+                raise AssertionError(f"timed out after {timeout}s: launch.py {args}") from None
+        try:
+            os.killpg(pid, 0)
+            left = True
+        except ProcessLookupError:
+            left = False
+        if left:
+            os.killpg(pid, signal.SIGKILL)
+            raise AssertionError(f"processes left running in the session of launch.py {args}")
+        with open(out) as fo, open(err) as fe:
+            return subprocess.CompletedProcess([sys.executable, LAUNCH, *args], code, fo.read(), fe.read())
 
 
 def rank_reports(out_dir: Path) -> list[dict]:

@@ -373,5 +373,5 @@ def test_a_ranks_user_error_is_printed_once_under_our_launcher(tmp_path: Path) -
                  f"run.out_dir={tmp_path / 'r'}", "--set", "data.batch_size=2")  # fmt: skip
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.count("stores images of one size, and these differ") == 1, res.stderr
-    assert "worker rank 0" in res.stderr and "its error is above" in res.stderr, res.stderr
+    assert "[launcher] ERROR: worker rank" in res.stderr and "its error is above" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and not list((tmp_path / "r").iterdir())

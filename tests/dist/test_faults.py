@@ -318,7 +318,8 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_the_earlier_checkpoints_resu
     assert Path(failed).name not in kept and Path(failed).parent == disk
     for needle in ("No space left on device", "needs about", "free in", f"untouched ({', '.join(kept)})"):
         assert needle in errors[0], errors[0]
-    assert errors[1].startswith("[launcher] ERROR") and "No space left on device" in errors[1], errors[1]
+    assert errors[1].startswith("[launcher] ERROR") and "its error is above" in errors[1], errors[1]
+    assert out.count("No space left on device") == 1, out[-3000:]  # said once, by rank 0
     assert "Traceback" not in out and "unexpected pos" not in out
     again = launch(*train[2:], "--set", f"checkpoint.dir={saved}", "--resume", "auto", timeout=200)
     assert again.returncode == 0 and f"resumed from {saved / kept[-1]}" in again.stderr, again.stderr[-3000:]
