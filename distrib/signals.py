@@ -32,6 +32,7 @@ class StopRequest:
     """Set by the first SIGTERM/SIGINT; read by the loop at step boundaries."""
 
     signum: int = 0
+    received: int = 0  # signals this process got itself (a stop agreed with other ranks is not one)
 
     @property
     def requested(self) -> bool:
@@ -48,11 +49,15 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
     def handle(self, signum: int, frame: object) -> None:
-        if self.signum and signum == AGENT_GONE:  # the dying agent's other threads: the same news
+        if self.received and signum == AGENT_GONE:  # the dying agent's other threads: the same news
             return
-        if self.signum:  # the second signal: no more waiting
+        if self.received:  # the second signal this process got: no more waiting
             os._exit(128 + signum)
-        self.signum = signum
+        self.received += 1
+        # A stop already agreed on another rank's signal keeps its signal; the agent's SIGTERM
+        # that follows (it stops every rank once one has exited) is this process's first: the
+        # rank finishes its stop (rank 0's checkpoint) instead of dying in the middle of it.
+        self.signum = self.signum or signum
 
 
 class Stopped(Exception):  # noqa: N818 - the run ended on request, not an error

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 def preload() -> None:
     """Everything a launch.py run imports before its first real work."""
     sys.path.insert(0, str(REPO))
+    import matplotlib
     import torch  # noqa: F401
     import torch.distributed.run  # noqa: F401
     import torchvision  # noqa: F401
@@ -42,6 +43,9 @@ def preload() -> None:
     import distrib.memory.report  # noqa: F401
     import distrib.worker  # noqa: F401
     import launch  # noqa: F401
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401 - memory.png and preview.png of every run
 
 
 def child(request: dict) -> None:

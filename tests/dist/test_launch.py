@@ -289,7 +289,7 @@ def test_unwritable_run_directory(tmp_path: Path) -> None:
 
 
 def test_env_command_without_gpu(tmp_path: Path) -> None:
-    res = launch("env", "--json")
+    res = launch("env", "--json", fresh=True)  # the import order is the subject: a fresh interpreter
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["gpu_count"] == 0 and info["nvml"]["available"] is False

@@ -50,6 +50,18 @@ def test_a_second_signal_ends_the_process_at_once(second: int) -> None:
     assert out == "" and res.returncode == 128 + second
 
 
+def test_the_agents_sigterm_after_a_stop_agreed_with_other_ranks_is_not_a_second_signal() -> None:
+    """Rank 0 stops on rank 1's signal (agreed, not received); rank 1 exits first and the agent
+    SIGTERMs rank 0 while it writes the checkpoint: that is rank 0's first signal, not a second."""
+    agreed = ("stop = signals.install()", "stop = signals.install()\nstop.signum = 15")
+    res = python(sends(signal.SIGTERM).replace(*agreed), stdout=subprocess.PIPE, text=True)
+    out, _ = res.communicate(timeout=30)
+    assert res.returncode == 0 and out.split()[:2] == ["15", "143"], (res.returncode, out)
+    res = python(sends(signal.SIGTERM, signal.SIGTERM).replace(*agreed), stdout=subprocess.PIPE, text=True)
+    out, _ = res.communicate(timeout=30)
+    assert out == "" and res.returncode == 143  # its own second signal still ends it
+
+
 def test_repeated_agent_gone_signals_are_one_request() -> None:
     res = python(sends(signal.SIGHUP, signal.SIGHUP, signal.SIGHUP), stdout=subprocess.PIPE, text=True)
     out, _ = res.communicate(timeout=30)

@@ -1,7 +1,8 @@
 """A user's script for `launch.py run`: prints its argv, exits with EXIT_CODE, fails on FAIL_RANK.
 
 BLOCK_OTHERS=1: every rank joins a gloo group; rank 0 exits with EXIT_CODE at once while the
-others wait in a barrier it never joins (a script that fails on one rank).
+others stay busy (a script that fails on one rank while the rest work on; a barrier would fail
+as soon as rank 0's sockets close, and race rank 0's exit code to the agent).
 """
 
 import json
@@ -16,5 +17,7 @@ if os.environ.get("BLOCK_OTHERS") == "1":
 
     dist.init_process_group("gloo")
     if dist.get_rank() != 0:
-        dist.barrier()
+        import time
+
+        time.sleep(120)
 sys.exit(int(os.environ.get("EXIT_CODE", "0")))
