@@ -343,11 +343,25 @@ def entry() -> None:
     code = main()
     if _RAN_USER_CODE:
         sys.exit(code)
+    end_children()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
             stream.flush()
     os._exit(code)
+
+
+def end_children() -> None:
+    """What the interpreter's exit would have done for us: end the DataLoader workers an error left
+    running (multiprocessing's atexit handler terminates and joins them), so none outlives us."""
+    mp = sys.modules.get("multiprocessing")
+    if mp is None:
+        return
+    children = mp.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(5)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -68,6 +69,12 @@ def child(request: dict) -> None:
         import launch
 
         code = launch.main(request["args"])
+        if launch._RAN_USER_CODE:  # as launch.entry: a user's script gets its atexit handlers
+            import atexit
+
+            atexit._run_exitfuncs()
+        launch.end_children()
+        logging.shutdown()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - reported as the script would report it

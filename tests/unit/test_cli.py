@@ -171,3 +171,10 @@ def test_a_wheel_holds_every_module_and_the_configs(tmp_path: Path) -> None:
     assert modules and not modules - names, sorted(modules - names)
     assert any(n.endswith("share/torchlaunch/configs/default.toml") for n in names)
     assert "launch.py" in names
+
+
+def test_run_and_memcheck_help_show_the_script_and_dash_m() -> None:
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("run", "memcheck"):
+        text = sub.choices[command].format_help()
+        assert "SCRIPT.py" in text and "-m MODULE" in text, text

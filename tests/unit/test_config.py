@@ -290,3 +290,11 @@ FLOAT_KEYS = {
     "optim.warmup_epochs", "optim.gamma", "train.label_smoothing", "train.grad_clip", "memory.interval_s",
     "memory.min_rate_kb", "memory.min_growth_mb",
 }  # fmt: skip
+
+
+def test_every_list_key_takes_the_same_comma_syntax() -> None:
+    cfg = load_config(None, ["data.mean=0.5,0.4,0.3", "data.std=0.2, 0.2, 0.2", "data.resize=64,48",
+                             "launch.gpus=1,0", "data.crop_scale=0.5,1"])  # fmt: skip
+    assert cfg.data.mean == (0.5, 0.4, 0.3) and cfg.data.std == (0.2, 0.2, 0.2)
+    assert cfg.data.resize == (64, 48) and cfg.launch.gpus == (1, 0) and cfg.data.crop_scale == (0.5, 1.0)
+    assert load_config(None, ["data.mean=auto", "data.std=auto"]).data.mean == "auto"
