@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -119,6 +121,74 @@ def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 90, f
     if server is None:
         return run([sys.executable, LAUNCH, *args], env=env, timeout=timeout)
     return forked(server, list(args), env, timeout)
+
+
+class ForkedProc:
+    """The parts of subprocess.Popen the tests use, for a launch.py run forked by the fork server:
+    stdout and stderr together through a FIFO (as stderr=STDOUT), the exit code from the server."""
+
+    def __init__(self, server: str, args: list[str], env: dict[str, str]):
+        import tempfile
+        import threading
+
+        self.args = [sys.executable, LAUNCH, *args]
+        self.returncode: int | None = None
+        self._tmp = tempfile.mkdtemp(prefix="forked-")
+        fifo = os.path.join(self._tmp, "out")
+        os.mkfifo(fifo)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(server)
+        self._stream = self._sock.makefile("rw")
+        request = {"args": args, "env": env, "cwd": str(REPO), "out": fifo, "err": fifo}
+        self._stream.write(json.dumps(request) + "\n")
+        self._stream.flush()
+        self.pid = int(self._stream.readline())
+        self.stdout = open(fifo)  # noqa: SIM115 - open until the run's last writer closes it
+        self._done = threading.Event()
+        threading.Thread(target=self._wait_for_code, daemon=True).start()
+
+    def _wait_for_code(self) -> None:
+        line = self._stream.readline()
+        self.returncode = int(line) if line.strip() else -signal.SIGKILL
+        self._sock.close()
+        self._done.set()
+
+    def poll(self) -> int | None:
+        return self.returncode if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        import threading
+
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.append(self.stdout.read()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if reader.is_alive():
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        self.wait(timeout)
+        self.stdout.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        return out[0], None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def start_launch(args: list[str], env: dict[str, str]) -> subprocess.Popen | ForkedProc:
+    """``python launch.py *args`` running in the background, its output in ``.stdout`` (stderr
+    joined): forked by the fork server unless ``env`` patches imports (PYTHONPATH)."""
+    server = None if "PYTHONPATH" in env else zygote()
+    if server is None:
+        return subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return ForkedProc(server, args, env)
 
 
 _ZYGOTE: dict[str, object] = {}

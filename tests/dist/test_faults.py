@@ -15,7 +15,18 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import LAUNCH, REPO, TORCHRUN, clean_env, free_port, launch, tiny, weights
+from conftest import (
+    LAUNCH,
+    REPO,
+    TORCHRUN,
+    ForkedProc,
+    clean_env,
+    free_port,
+    launch,
+    start_launch,
+    tiny,
+    weights,
+)
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 SETS = ("train.epochs=4", "checkpoint.every_steps=2", "checkpoint.keep_last=3")
@@ -44,7 +55,11 @@ def ranks_of(proc: subprocess.Popen, loader_workers: bool = False) -> dict[str, 
     return found
 
 
-def start(cmd: list[str], **env: str) -> subprocess.Popen:
+def start(cmd: list[str], **env: str) -> subprocess.Popen | ForkedProc:
+    """``cmd`` in the background (its own session, stderr joined to stdout); a launch.py command
+    line is forked by the tests' fork server when nothing patches its imports."""
+    if cmd[:2] == [sys.executable, LAUNCH]:
+        return start_launch(cmd[2:], clean_env(**env))
     out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     return subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), start_new_session=True, **out)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, launch
 from PIL import Image
 
 from datasets.cache import EMPTY, ENTRY, FILLED, CachedSource, DecodedCache, open_cache, plan_cache
@@ -238,11 +238,11 @@ def test_the_cache_command_fills_every_image_and_a_rerun_decodes_none(tmp_path: 
     out = tmp_path / "c"
     sets = [f"data.csv={src / 'labels.csv'}", f"data.images={src / 'images'}", f"data.cache_dir={out}",
             "data.resize=[12, 12]", f"run.out_dir={tmp_path / 'runs'}"]  # fmt: skip
-    cmd = [sys.executable, "launch.py", "cache", *(a for s in sets for a in ("--set", s))]
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=clean_env(), timeout=90)
+    cmd = ["cache", *(a for s in sets for a in ("--set", s))]
+    first = launch(*cmd)
     assert first.returncode == 0, first.stderr
     assert "12 image(s) decoded in" in first.stderr and "0 were already there" in first.stderr, first.stderr
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=clean_env(), timeout=90)
+    again = launch(*cmd)
     assert "0 image(s) decoded in" in again.stderr and "12 were already there" in again.stderr, again.stderr
     (folder,) = (tmp_path / "c").glob("decoded-*")
     entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, ENTRY)
