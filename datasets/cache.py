@@ -53,27 +53,31 @@ log = logging.getLogger(__name__)
 FORMAT = 2  # bump when the layout or the decoder's output changes: old caches are then ignored
 EMPTY, FILLED = 0, 1
 ENTRY = 4  # state, size, mtime_ns, checksum
-_WEIGHTS: dict[int, np.ndarray] = {}  # checksum position weights by word count (one per image size)
+_BLOCK = 512  # 8-byte words per checksum block (4 KiB: a page)
+_WEIGHTS: dict[int, np.ndarray] = {}  # odd block weights by block count (one per image size)
 
 
 def checksum(pixels: np.ndarray) -> int:
-    """A 64-bit Fletcher-style sum of one slot's pixels, as a signed int64 (the entries' dtype).
+    """A 64-bit checksum of one slot's pixels (wrapping sums), as a signed int64 (the entries' dtype).
 
-    Why not crc32: 1.1 ms per 3 MB image (1024 px) against 0.3 ms for this, on the warm path
-    that reads an image in about 1 ms. The plain sum of the 8-byte words changes with any
-    single changed byte (a change of d at byte k adds d * 256**(k % 8), never 0 mod 2**64);
-    the position-weighted sum catches moved or zeroed blocks that keep the plain sum.
+    The sum of each 4 KiB block's 8-byte words, then those block sums weighted by odd constants
+    per block position. Any single changed byte changes its block's sum by d * 256**k (never 0
+    mod 2**64), and an odd weight keeps that non-zero; zeroed, torn, moved or swapped pages
+    change the weighted sum. (Bytes permuted inside one page would not: not a way files break.)
+    Why not crc32: 1.1 ms per 3 MB image (1024 px), against 0.06 ms for these two numpy
+    reductions, on a warm path that reads an image in about 0.25 ms (a warm epoch with CPU
+    normalisation: +2.9%, README).
     """
     flat = np.ascontiguousarray(pixels).reshape(-1)
-    body = len(flat) // 8 * 8
-    words = flat[:body].view(np.uint64)
-    w = _WEIGHTS.get(len(words))
+    body = len(flat) // (8 * _BLOCK) * (8 * _BLOCK)
+    blocks = flat[:body].view(np.uint64).reshape(-1, _BLOCK).sum(axis=1, dtype=np.uint64)
+    w = _WEIGHTS.get(len(blocks))
     if w is None:
-        w = _WEIGHTS[len(words)] = np.arange(1, len(words) + 1, dtype=np.uint64)
-    tail = int(flat[body:].astype(np.uint64).sum()) if body < len(flat) else 0
-    plain = (int(words.sum(dtype=np.uint64)) + tail) % 2**64
-    weighted = int(np.dot(words, w)) % 2**64
-    value = (plain ^ (weighted * 0x9E3779B97F4A7C15)) % 2**64
+        w = np.arange(1, 2 * len(blocks) + 1, 2, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        _WEIGHTS[len(blocks)] = w
+    tail = flat[body:].astype(np.uint64)  # under a page (small images): each byte by its position
+    value = int((blocks * w).sum(dtype=np.uint64))
+    value = (value + int((tail * np.arange(1, len(tail) + 1, dtype=np.uint64)).sum())) % 2**64
     return value - 2**64 if value >= 2**63 else value
 
 
