@@ -103,3 +103,10 @@ def test_readme_layout_lists_every_module() -> None:
         if p.name != "__init__.py" and str(p.relative_to(REPO)) not in layout
     ]
     assert missing == []
+
+
+def test_no_module_grows_past_450_lines() -> None:
+    """A module this long has grown a second concern: split it where that concern starts."""
+    sizes = {name: len(path.read_text().splitlines()) for name, path in project_modules().items()}
+    long = {name: n for name, n in sizes.items() if n > 450}
+    assert long == {}, long
