@@ -129,23 +129,22 @@ class StepCounter:
 
 def execute(target: Target) -> int:
     """Run the script as ``__main__`` with its own argv; its exit code (exceptions propagate)."""
-    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else ""
-    try:
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    try:  # the script's folder (-m: the current one) first, as python has it; this project's stays after
         if target.module:
             check_module(target.module)  # under torchrun, this rank is the first to look
             sys.argv = [target.module, *target.args]
-            sys.path[0] = os.getcwd()  # as `python -m` has it
+            sys.path.insert(0, os.getcwd())
             runpy.run_module(target.module, run_name="__main__", alter_sys=True)
         else:
             sys.argv = [target.script, *target.args]
-            sys.path[0] = str(Path(target.script).resolve().parent)
+            sys.path.insert(0, str(Path(target.script).resolve().parent))
             runpy.run_path(target.script, run_name="__main__")
     except SystemExit as e:
         return exit_code(e.code)
     finally:
         sys.argv = saved_argv
-        if sys.path:
-            sys.path[0] = saved_path0
+        sys.path[:] = saved_path
     return 0
 
 
