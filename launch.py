@@ -44,7 +44,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from distrib.cli import check_bench_numbers, flag_overrides, normalise_argv, parse
 from distrib.config import Config, dump_config, load_config
@@ -343,6 +343,12 @@ def entry() -> None:
     code = main()
     if _RAN_USER_CODE:
         sys.exit(code)
+    quick_exit(code)
+
+
+def quick_exit(code: int) -> NoReturn:
+    """End this process now, as the interpreter's exit would have left things: children ended,
+    logs and streams flushed; then ``os._exit``."""
     end_children()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -46,7 +46,7 @@ import torch
 from datasets.folder import Samples, dataset_key
 from datasets.transforms import BadImageError, Decoder, image_size
 from distrib.context import DistContext
-from distrib.errors import EchoedError, LaunchError
+from distrib.errors import EchoedError, LaunchError, write_problem
 from distrib.process_group import gather_objects
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,12 @@ class CachePlan:
         return int(len(self.paths) * int(np.prod(self.shape)))
 
     @property
+    def entry_bytes(self) -> int:
+        return len(self.paths) * ENTRY * 8
+
+    @property
     def total_bytes(self) -> int:
-        return self.pixel_bytes + len(self.paths) * ENTRY * 8
+        return self.pixel_bytes + self.entry_bytes
 
 
 def _gib(n: float) -> str:
@@ -158,16 +162,12 @@ def _allocated(path: Path) -> int:
 def check_room(plan: CachePlan) -> None:
     """Refuse a cache that would not fit, with the figures, before a byte of it is written."""
     base = plan.folder.parent
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        probe = base / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    problem = write_problem(base)
+    if problem:
         raise LaunchError(
-            f"data.cache_dir {base} is not writable ({e.strerror}); set data.cache_dir to a "
+            f"data.cache_dir {base} is not writable ({problem}); set data.cache_dir to a "
             "writable folder on a local disk, or data.cache = 'off'"
-        ) from None
+        )
     needed = plan.total_bytes - _allocated(plan.folder / "pixels.u8")
     free = shutil.disk_usage(base).free
     if needed > free:
@@ -189,7 +189,7 @@ def _meta(plan: CachePlan) -> dict[str, Any]:
 
 def _sizes(plan: CachePlan) -> dict[str, int]:
     """The byte size each data file of the cache must have."""
-    return {"pixels.u8": plan.pixel_bytes, "entries.i64": len(plan.paths) * ENTRY * 8}
+    return {"pixels.u8": plan.pixel_bytes, "entries.i64": plan.entry_bytes}
 
 
 def damage(plan: CachePlan) -> str | None:

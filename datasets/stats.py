@@ -27,7 +27,7 @@ from datasets.transforms import BadImageError, Decoder, PixelSource
 from distrib import signals
 from distrib.config import DataSection
 from distrib.context import DistContext
-from distrib.errors import EchoedError, LaunchError
+from distrib.errors import EchoedError, LaunchError, write_problem
 from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
 from distrib.signals import Stopped
 
@@ -204,14 +204,10 @@ def _look_up(path: Path) -> tuple[Stats | None, str | None]:
     found = _load(path)
     if found is not None:
         return found, None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".write-test-{os.getpid()}")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    problem = write_problem(path.parent)
+    if problem:
         return None, (
-            f"data.stats_cache {path.parent} is not writable ({e.strerror}); the stats pass would run "
+            f"data.stats_cache {path.parent} is not writable ({problem}); the stats pass would run "
             "and then fail to keep its result: set data.stats_cache to a writable folder, or give "
             "data.mean and data.std (launch.py stats prints them)"
         )

@@ -6,6 +6,9 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 LEAK_EXIT = 3  # a worker's exit status when the memory detector found a leak (memcheck, on_leak = fail)
 
 
@@ -41,3 +44,17 @@ def user_error_names() -> set[str]:
         names.add(cls.__name__)
         todo.extend(cls.__subclasses__())
     return names
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be written (the OS's words: "Permission denied", "Read-only file
+    system"), after creating it if need be; None when a file can be written there. Asked before
+    long work, so the refusal comes first, not after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None

@@ -11,7 +11,6 @@ which also avoids ``LaunchConfig``'s defaults that differ from torchrun's CLI
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import uuid
@@ -132,24 +131,14 @@ def check_plan(plan: SpawnPlan) -> None:
         check_port_free(plan.master_port)
 
 
-def leak_found(run_dir: str) -> bool | None:
-    """Whether the memory detector found a leak in ``run_dir`` (its ranks' memory_rank<N>.json);
-    None when no rank wrote a report there."""
-    found = None
-    for path in Path(run_dir).glob("memory_rank*.json") if run_dir else ():
-        try:
-            found = bool(found) or bool(json.loads(path.read_text()).get("leak"))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def exit_reason(exitcode: object, run_dir: str) -> str:
     """What a worker's exit status without a recorded error means: exit 3 is a leak only when the
     detector says so; a user's script may exit 3 for its own reasons."""
     if exitcode != LEAK_EXIT:
         return ""
-    leak = leak_found(run_dir)
+    from distrib.memory.report import leak_found  # json only: no torch in the launcher
+
+    leak = leak_found(Path(run_dir)) if run_dir else None
     if leak:
         return "the memory detector found a leak (its verdict is above)"
     if leak is False:
@@ -157,20 +146,23 @@ def exit_reason(exitcode: object, run_dir: str) -> str:
     return ""
 
 
-def recorded_kind(failure: object) -> str:
-    """The class name of the error a failed worker recorded ('' when none)."""
+def recorded_message(failure: object) -> str:
+    """The error a failed worker recorded in its error file ('' when none)."""
     message = getattr(failure, "message", "")
     if isinstance(message, dict):
-        message = message.get("message", "")
-    kind, sep, _ = str(message).partition(": ")
+        message = message.get("message", "") or message.get("extraInfo", {}).get("py_callstack", "")
+    return str(message)
+
+
+def recorded_kind(failure: object) -> str:
+    """The class name of the error a failed worker recorded ('' when none)."""
+    kind, sep, _ = recorded_message(failure).partition(": ")
     return kind if sep else ""
 
 
 def describe_failure(rank: int, failure: object, run_dir: str = "") -> str:
     """One paragraph naming the failed rank, its exit code and its error."""
-    message = getattr(failure, "message", "")
-    if isinstance(message, dict):
-        message = message.get("message", "") or message.get("extraInfo", {}).get("py_callstack", "")
+    message = recorded_message(failure)
     exitcode = getattr(failure, "exitcode", "?")
     local = getattr(failure, "local_rank", "?")
     pid = getattr(failure, "pid", "?")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -73,8 +72,7 @@ def child(request: dict) -> None:
             import atexit
 
             atexit._run_exitfuncs()
-        launch.end_children()
-        logging.shutdown()
+        launch.quick_exit(code)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - reported as the script would report it

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from distrib.config import SHAPE_KEYS, ModelSection
-from distrib.errors import CheckpointWriteError, LaunchError
+from distrib.errors import CheckpointWriteError, LaunchError, write_problem
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -354,16 +354,12 @@ class CheckpointManager:
 
     def check_writable(self) -> None:
         """Fail before training, not after the first epoch."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as e:
+        problem = write_problem(self.folder)
+        if problem:
             raise LaunchError(
-                f"checkpoint folder {self.folder} is not writable ({e.strerror}); "
+                f"checkpoint folder {self.folder} is not writable ({problem}); "
                 "set checkpoint.dir or run.out_dir to a writable place"
-            ) from e
+            )
 
     def save(self, state: dict[str, Any], step: int, best: bool) -> Path:
         path = self.folder / f"ckpt-{step:08d}.pt"

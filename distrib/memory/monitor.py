@@ -159,6 +159,7 @@ class Monitor:
         self.snapshotting = False
         self.unit = "step"  # what a row stands for: an optimizer step, or a background sample
         self.workers_at = 0.0  # when the workers' RSS was last read at a step boundary
+        self.exit_info: dict[str, Any] | None = None  # how a user's script ended (run, memcheck)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -336,7 +337,7 @@ class Monitor:
             "steps_to_oom": f.steps_to_oom,
             "message": f.line(self.where.rank, self.where.device).replace("/step", f"/{self.unit}"),
             "unit": self.unit,
-            "exit": getattr(self, "exit_info", None),
+            "exit": self.exit_info,
         }
 
 

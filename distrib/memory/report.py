@@ -49,6 +49,18 @@ def rank_reports(
     return reports
 
 
+def leak_found(run_dir: Path) -> bool | None:
+    """Whether the memory detector found a leak on any rank of ``run_dir`` (its ranks'
+    memory_rank<N>.json); None when no rank wrote a readable report there."""
+    found = None
+    for path in run_dir.glob("memory_rank*.json"):
+        try:
+            found = bool(found) or bool(json.loads(path.read_text()).get("leak"))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Peak per rank (GPU: torch reserved and NVML; host: RSS), the skew across ranks, the headroom."""
     per_rank = {}

@@ -28,7 +28,7 @@ from distrib.context import DistContext
 from distrib.errors import LEAK_EXIT, LaunchError, LeakError
 from distrib.memory.monitor import Monitor, Where
 from distrib.memory.preflight import cuda_index, preflight_gpu
-from distrib.memory.report import combine, verdict_table
+from distrib.memory.report import combine, leak_found, verdict_table
 
 log = logging.getLogger(__name__)
 MEMCHECK_STEPS = 300  # memcheck of our own training job: steps to watch
@@ -247,7 +247,7 @@ def conclude(
     stop = (lambda: term.received) if term is not None else None
     summary, reports = combine(run_dir, ctx.world_size, wait_s=wait, give_up=stop)
     ended = {str(r["rank"]): r["exit"] for r in reports if r.get("exit")}
-    first = next((e for e in ended.values() if e["code"]), None)  # the job's code: the first rank that failed
+    first = next((e for e in ended.values() if e["code"]), None)  # the lowest rank that failed
     record = {
         "memory": summary,
         "exit_code": first["code"] if first else outcome.code,
@@ -275,8 +275,7 @@ def memcheck_job(ctx: DistContext, cfg: Config, run_dir: Path, *, steps: int) ->
         log.error("%s", e)
         code = LEAK_EXIT
     conclude(ctx, run_dir, Outcome(code, own=False), None)
-    leak = any(json.loads(p.read_text())["leak"] for p in run_dir.glob("memory_rank*.json"))
-    return LEAK_EXIT if leak else code
+    return LEAK_EXIT if leak_found(run_dir) else code
 
 
 def memcheck_config(cfg: Config, steps: int) -> Config:
