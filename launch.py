@@ -175,6 +175,8 @@ def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
         return spawn(sp, SCRIPT, worker_argv(args, argv, cfg, name))
     if nproc is not None:
         log.warning("--nproc-per-node ignored: this process is already a rank (torchrun)")
+    elif ignored := launcher_flags_given(args):
+        log.warning("%s ignored: launcher flags act only with --nproc-per-node", ", ".join(ignored))
     from distrib.worker import run_recorded, run_worker
 
     job = job_for(args, applied)  # imports torch: only now, after the CUDA variables are set
@@ -182,6 +184,13 @@ def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
     if not own_group:
         _RAN_USER_CODE.append(True)
     return run_recorded(lambda: run_worker(cfg, plan, args.command, job, own_group))
+
+
+def launcher_flags_given(args: argparse.Namespace) -> list[str]:
+    """Launcher flags set away from their defaults (they do nothing without --nproc-per-node)."""
+    defaults = {"nnodes": "1", "node_rank": 0, "master_addr": None, "master_port": None,
+                "rdzv_endpoint": None, "rdzv_id": "none", "max_restarts": 0}  # fmt: skip
+    return [f"--{k.replace('_', '-')}" for k, d in defaults.items() if getattr(args, k, d) != d]
 
 
 def job_for(args: argparse.Namespace, applied: AppliedEnv) -> Job:

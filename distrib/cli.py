@@ -68,6 +68,13 @@ def _nnodes(text: str) -> str:
     return text
 
 
+def _endpoint(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port 1-65535; got {text!r}")
+    return text
+
+
 def _flag(parser: argparse.ArgumentParser, name: str, **kw: object) -> None:
     """Add ``--a-b`` with its torchrun twin ``--a_b``."""
     spellings = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
@@ -100,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(launcher, "node-rank", type=_nonneg, default=0, metavar="K")
     _flag(launcher, "master-addr", metavar="HOST")
     _flag(launcher, "master-port", type=_port, metavar="PORT")
-    _flag(launcher, "rdzv-endpoint", metavar="HOST:PORT")
+    _flag(launcher, "rdzv-endpoint", type=_endpoint, metavar="HOST:PORT")
     _flag(launcher, "rdzv-id", default="none", metavar="ID")
     _flag(launcher, "max-restarts", type=_nonneg, default=0, metavar="K")
 

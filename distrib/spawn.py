@@ -129,6 +129,22 @@ def check_plan(plan: SpawnPlan) -> None:
         raise LaunchError(f"--nproc-per-node {plan.nproc_per_node}: start at least 1 process")
     if plan.master_port is not None and plan.node_rank == 0 and not plan.rdzv_endpoint:
         check_port_free(plan.master_port)
+    for flag, host in (("--master-addr", plan.master_addr),
+                       ("--rdzv-endpoint", (plan.rdzv_endpoint or "").rpartition(":")[0])):  # fmt: skip
+        if host:
+            check_host(flag, host)
+
+
+def check_host(flag: str, host: str) -> None:
+    """A meeting point whose name does not resolve would leave every node waiting until its
+    timeout: say so now."""
+    try:
+        socket.getaddrinfo(host.strip("[]"), None)
+    except (OSError, UnicodeError) as e:
+        raise LaunchError(
+            f"{flag} {host}: this host name or address cannot be resolved here ({e}); give node 0's "
+            "address as the other nodes reach it"
+        ) from None
 
 
 def exit_reason(exitcode: object, run_dir: str) -> str:

@@ -214,6 +214,9 @@ def train_job(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
 def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     """The run itself: data, engine, resume, the epochs, the memory verdict, the summary."""
     stop = signals.install()  # from here on SIGTERM/SIGINT stop the run at a step boundary
+    resume_from = cfg.checkpoint.resume
+    if resume_from not in ("", "auto") and not Path(resume_from).is_file():  # before organize and stats
+        raise LaunchError(f"checkpoint {resume_from} does not exist (checkpoint.resume / --resume)")
     set_determinism(cfg)
     split = build_split(ctx, cfg)
     feed = build_feed(ctx, cfg, split)

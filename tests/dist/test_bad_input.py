@@ -375,3 +375,10 @@ def test_a_ranks_user_error_is_printed_once_under_our_launcher(tmp_path: Path) -
     assert res.stderr.count("stores images of one size, and these differ") == 1, res.stderr
     assert "[launcher] ERROR: worker rank" in res.stderr and "its error is above" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and not list((tmp_path / "r").iterdir())
+
+
+def test_a_missing_resume_checkpoint_is_refused_before_any_data_work(demo: Path, tmp_path: Path) -> None:
+    res = launch("train", *tiny(demo, tmp_path, "r", f"data.stats_cache={tmp_path / 's'}"),
+                 "--resume", str(tmp_path / "nope.pt"))  # fmt: skip
+    refused(res, f"checkpoint {tmp_path / 'nope.pt'} does not exist")
+    assert "computing exact dataset stats" not in res.stderr and not (tmp_path / "r").exists()

@@ -178,3 +178,20 @@ def test_run_and_memcheck_help_show_the_script_and_dash_m() -> None:
     for command in ("run", "memcheck"):
         text = sub.choices[command].format_help()
         assert "SCRIPT.py" in text and "-m MODULE" in text, text
+
+
+def test_meeting_points_are_checked_before_any_worker() -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--rdzv-endpoint", "nohost"])  # no port: argparse's line
+    assert cli.build_parser().parse_args(["train", "--rdzv-endpoint", "127.0.0.1:29400"]).rdzv_endpoint
+    with pytest.raises(LaunchError, match=r"--master-addr 999.1.1.1: this host name or address cannot be"):
+        check_plan(SpawnPlan(1, "2", 0, "999.1.1.1", 29500))
+    with pytest.raises(LaunchError, match=r"--rdzv-endpoint no-such-host.invalid: .*cannot be resolved"):
+        check_plan(SpawnPlan(1, "2", 0, None, None, "no-such-host.invalid:29400"))
+    check_plan(SpawnPlan(1, "2", 0, None, None, "127.0.0.1:29400"))
+
+
+def test_launcher_flags_without_nproc_per_node_are_named() -> None:
+    args = cli.build_parser().parse_args(["train", "--rdzv-endpoint", "h:1", "--max-restarts", "2"])
+    assert launch.launcher_flags_given(args) == ["--rdzv-endpoint", "--max-restarts"]
+    assert launch.launcher_flags_given(cli.build_parser().parse_args(["train"])) == []
