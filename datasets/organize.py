@@ -290,7 +290,10 @@ def organize(
         raise LaunchError(f"images folder {images} does not exist (--images / data.images)")
     if out.is_dir() and not dry_run:
         cleanup_temporaries(out)  # partial copies of a killed run; they replaced nothing
-    plan = plan_organize(read_labels(csv if isinstance(csv, LabelCsv) else LabelCsv(csv)), images, out)
+    rows = read_labels(csv if isinstance(csv, LabelCsv) else LabelCsv(csv))
+    plan = plan_organize(rows, images, out)
+    if plan.missing and mode == "move":  # another organize of this CSV may have been moving a file
+        plan = plan_organize(rows, images, out)  # between our two looks: look again once
     if plan.missing and not (allow_missing or dry_run):
         raise LaunchError(
             f"{len(plan.missing)} image(s) named in {csv.path if isinstance(csv, LabelCsv) else csv} "
