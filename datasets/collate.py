@@ -23,6 +23,7 @@ class Skipped:
 
     path: str
     reason: str
+    index: int = -1  # its dataset index: the sample ledger counts it as consumed
 
 
 @dataclass

@@ -98,7 +98,7 @@ class DeviceDecoder:
         skipped = list(batch.skipped)
         for pos, (img, index) in enumerate(zip(self._decode(batch), batch.indices.tolist(), strict=True)):
             if img is None:
-                skipped.append(Skipped(str(self.samples.paths[index]), "cannot decode"))
+                skipped.append(Skipped(str(self.samples.paths[index]), "cannot decode", int(index)))
                 continue
             img = v2.functional.resize(img, self.resize, antialias=True)
             images.append(augment_seeded(self.transform, img, self.seed, epoch, index))

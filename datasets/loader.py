@@ -67,7 +67,7 @@ class ImageDataset(Dataset):
             image = self.source(path, index)
         except BadImageError as e:
             if self.on_bad_image == "skip":
-                return Skipped(path, str(e))
+                return Skipped(path, str(e), index)
             raise LaunchError(
                 f"{e}. Replace or remove the file, or set data.on_bad_image = "
                 "'skip' to leave such files out (they are listed in the run "
@@ -83,7 +83,7 @@ class ImageDataset(Dataset):
             data = read_file(path)
         except (RuntimeError, OSError) as e:
             if self.on_bad_image == "skip":
-                return Skipped(path, str(e))
+                return Skipped(path, str(e), index)
             raise LaunchError(f"cannot read {path}: {e}") from None
         return Encoded(data), int(self.samples.targets[index]), index
 
@@ -189,14 +189,14 @@ def worker_death(error: BaseException, rank: int, num_workers: int) -> LaunchErr
     return LaunchError(f"rank {rank}: DataLoader worker (pid {m.group(1)}) {how}{hint}")
 
 
-def make_sampler(
-    samples: Samples, ctx: DistContext, seed: int, train: bool, kind: str = "distributed"
-) -> Sampler:
-    if not train:
+def make_sampler(samples: Samples, ctx: DistContext, spec: LoaderSpec) -> Sampler:
+    """Training: the epoch's global order in steps of the global batch; else exact eval shards."""
+    if not spec.train:
         return ExactEvalSampler(len(samples), ctx)
-    if kind == "balanced":
-        return BalancedSampler(samples.targets, ctx, seed)
-    return TrainSampler(len(samples), ctx, seed)
+    global_batch = spec.batch_size * ctx.world_size * spec.accum
+    if spec.sampler == "balanced":
+        return BalancedSampler(samples.targets, ctx, spec.seed, global_batch)
+    return TrainSampler(len(samples), ctx, spec.seed, global_batch)
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,7 @@ class LoaderSpec:
     decoder: Decoder = Decoder()  # file -> pixels at data.resize (the transform resizes otherwise)
     decode_on_device: bool = False  # JPEG batches decoded on the rank's device (data.decode_on)
     cache_inline: bool = True  # a warm decoded cache is read in this process (data.cache_read)
+    accum: int = 1  # micro-batches per optimizer step: the global batch is batch_size x ranks x accum
 
     @staticmethod
     def from_config(cfg: Config, *, train: bool) -> LoaderSpec:
@@ -230,6 +231,7 @@ class LoaderSpec:
             Decoder.from_config(d),
             d.decode_on == "cuda",
             d.cache_read == "inline",
+            cfg.train.accum_steps,
         )
 
 
@@ -252,9 +254,7 @@ def build_loader(
         and device_decode_wanted(samples, spec.decoder.resize, "training" if spec.train else "validation")
     )
     dataset = ImageDataset(samples, transform, seed, spec.on_bad_image, source or spec.decoder, on_device)
-    smp = make_sampler(samples, ctx, seed, spec.train, spec.sampler)
-    if spec.train and len(smp) < batch_size and len(smp) > 0:
-        log.warning("this rank's shard has %d images, fewer than batch_size %d", len(smp), batch_size)
+    smp = make_sampler(samples, ctx, spec)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -1,4 +1,4 @@
-"""Samplers that know the epoch, shard exactly, and balance classes across ranks.
+"""Samplers that know the epoch, shard by global position, and balance classes across ranks.
 
 Every sampler yields ``(index, epoch)`` keys: the dataset seeds an item's augmentation
 from (seed, epoch, index), never from worker or rank state, so what sample i looks
@@ -7,26 +7,17 @@ like in epoch e does not depend on num_workers or the world size.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 
 from distrib.context import DistContext
 from distrib.seeding import SAMPLER, derive_seed, entropy
 
 Key = tuple[int, int]
-
-
-class _Len(Sized):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
 
 
 class _EpochGuard:
@@ -45,38 +36,69 @@ class _EpochGuard:
         self._last = self.epoch
 
 
-class TrainSampler(_EpochGuard, DistributedSampler):
-    """torch's DistributedSampler (seeded shuffle, stride sharding) yielding (index, epoch).
+class GlobalOrder(_EpochGuard, Sampler[Key]):
+    """An epoch's global order of samples, the same at every world size, sharded by position.
 
-    ``drop_last=True`` trims the tail to a multiple of the world size, so ranks see
-    disjoint samples and step k's batches across ranks are exactly the 1-rank batch.
+    Why positions: elastic training resumes a run on another number of ranks. The epoch's
+    order (``order(epoch)``, seeded by (seed, epoch) only) and its tail rule do not depend
+    on the world size, so "sample c of epoch e" means the same sample at 1, 2 or 5 ranks:
+      - an epoch trains the first ``epoch_samples = (N // G) * G`` positions of its order, in
+        optimizer steps of the global batch G; the N mod G positions after them are left
+        out of that epoch (different samples each epoch, since the order changes);
+      - rank r of W takes positions ``start + r, start + r + W, ...``, so micro-step j of all
+        ranks covers positions [start + j*W*b, start + (j+1)*W*b), and optimizer step s the
+        positions [s*G, (s+1)*G), whatever W, b and the accumulation are.
     """
 
-    def __init__(self, n: int, ctx: DistContext, seed: int, shuffle: bool = True):
-        DistributedSampler.__init__(
-            self,
-            _Len(n),
-            num_replicas=ctx.world_size,
-            rank=ctx.rank,
-            shuffle=shuffle,
-            seed=entropy(seed) & (2**63 - 1),  # it seeds with seed + epoch: keep it in range
-            drop_last=ctx.world_size > 1,
-        )
-        self.start = 0  # resume mid-epoch: skip this many of the epoch's items, once
+    def __init__(self, n: int, ctx: DistContext, global_batch: int):
+        if global_batch % ctx.world_size:
+            raise ValueError(f"global batch {global_batch} is not a multiple of {ctx.world_size} ranks")
+        self.n, self.rank, self.world = n, ctx.rank, ctx.world_size
+        self.global_batch = global_batch
+        self.epoch_samples = (n // global_batch) * global_batch
+        self.epoch = 0
+        self.start = 0  # resume mid-epoch: skip this many of the epoch's positions, once
 
-    def skip_once(self, items: int) -> None:
-        """The next iteration starts ``items`` into the epoch's order (exact mid-epoch resume)."""
-        self.start = items
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's global order: dataset indices by position (all ``n`` of them)."""
+        raise NotImplementedError
+
+    def start_at(self, samples: int) -> None:
+        """The next iteration starts ``samples`` positions into the epoch (a multiple of G)."""
+        if samples % self.global_batch or not 0 <= samples <= self.epoch_samples:
+            raise ValueError(
+                f"cannot resume at sample {samples}: not a step boundary of the global batch "
+                f"{self.global_batch} within the epoch's {self.epoch_samples} samples"
+            )
+        self.start = samples
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return (self.epoch_samples - self.start) // self.world
 
-    def __iter__(self) -> Iterator[Key]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Key]:
         self._check_epoch()
         epoch, start = self.epoch, self.start
         self.start = 0
-        keys = list(DistributedSampler.__iter__(self))[start:]
-        return ((int(i), epoch) for i in keys)
+        mine = self.order(epoch)[start + self.rank : self.epoch_samples : self.world]
+        return ((int(i), epoch) for i in mine.tolist())
+
+
+class TrainSampler(GlobalOrder):
+    """A seeded permutation per epoch (torch's DistributedSampler draws the same one: seed + epoch)."""
+
+    def __init__(self, n: int, ctx: DistContext, seed: int, global_batch: int = 0, shuffle: bool = True):
+        super().__init__(n, ctx, global_batch or ctx.world_size)
+        self.seed = entropy(seed) & (2**63 - 1)  # seeded with seed + epoch: keep it in range
+        self.shuffle = shuffle
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g)
 
 
 class ExactEvalSampler(Sampler[Key]):
@@ -95,29 +117,18 @@ class ExactEvalSampler(Sampler[Key]):
         pass
 
 
-class BalancedSampler(_EpochGuard, Sampler[Key]):
-    """Class-balanced sampling for N ranks from one global draw.
-
-    Each epoch draws ceil(N / W) * W indices with replacement, weighted by inverse class
-    frequency, from a generator seeded by (seed, epoch) only, so every rank draws the
-    same list; rank r then takes every W-th element from r.
+class BalancedSampler(GlobalOrder):
+    """Class-balanced sampling: each epoch draws N indices with replacement, weighted by inverse
+    class frequency, from a generator seeded by (seed, epoch) only, so the draw is the same at
+    every world size; positions are sharded as for every ``GlobalOrder``.
     """
 
-    def __init__(self, targets: np.ndarray, ctx: DistContext, seed: int):
+    def __init__(self, targets: np.ndarray, ctx: DistContext, seed: int, global_batch: int = 0):
+        super().__init__(len(targets), ctx, global_batch or ctx.world_size)
         counts = np.bincount(targets)
         self.weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.float64)
-        self.total = math.ceil(len(targets) / ctx.world_size) * ctx.world_size
-        self.rank, self.world, self.seed, self.epoch = ctx.rank, ctx.world_size, seed, 0
+        self.seed = seed
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.total // self.world
-
-    def __iter__(self) -> Iterator[Key]:
-        self._check_epoch()
-        g = torch.Generator().manual_seed(derive_seed(self.seed, SAMPLER, self.epoch))
-        draw = torch.multinomial(self.weights, self.total, replacement=True, generator=g)
-        epoch = self.epoch
-        return ((int(i), epoch) for i in draw[self.rank :: self.world].tolist())
+    def order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, SAMPLER, epoch))
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=g)

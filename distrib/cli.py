@@ -242,9 +242,22 @@ def check_bench_numbers(args: argparse.Namespace) -> None:
             raise LaunchError(f"bench {args.what} --{name} {value}: must be {need}")
 
 
+def joined_sets(items: list[str]) -> list[str]:
+    """``--set -x=1`` as ``--set=-x=1``: argparse takes a value that starts with '-' for a flag and
+    answers "expected one argument"; joined, the config names the key that is wrong."""
+    out: list[str] = []
+    for item in items:
+        if out and out[-1] == "--set" and item.startswith("-") and "=" in item:
+            out[-1] = f"--set={item}"
+        else:
+            out.append(item)
+    return out
+
+
 def parse(items: list[str]) -> argparse.Namespace:
     """argparse, except that ``run``/``memcheck`` hand everything from the script on to the script."""
     parser = build_parser()
+    items = items[:1] + joined_sets(items[1:]) if items[0] not in ("run", "memcheck") else items
     if items[0] not in ("run", "memcheck"):
         return parser.parse_args(items)
     from distrib.memory.userscript import split_target

@@ -35,6 +35,8 @@ class DistContext:
     device: str = "cpu"  # "cpu" or "cuda:<local_rank>"
     launcher: str = "single"  # torchrun | slurm | single
     restart: int = 0  # the elastic agent's restart round (TORCHELASTIC_RESTART_COUNT); 0 = first start
+    nodes: int = 1  # nodes in the job (GROUP_WORLD_SIZE, SLURM_NNODES): elastic resumes name a change
+    run_id: str = ""  # TORCHELASTIC_RUN_ID: the rendezvous whose round keys this job's store holds
 
     @property
     def is_main(self) -> bool:
@@ -116,6 +118,8 @@ def _from_torchrun(env: Mapping[str, str]) -> dict[str, object]:
         master_port=_int(env, "MASTER_PORT", 0),
         launcher="torchrun",
         restart=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+        nodes=_int(env, "GROUP_WORLD_SIZE", max(1, world // max(local_world, 1))),
+        run_id=env.get("TORCHELASTIC_RUN_ID", ""),
     )
 
 
@@ -143,6 +147,7 @@ def _from_slurm(env: Mapping[str, str]) -> dict[str, object]:
         master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
         master_port=int(port) if port else SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID", 0) % 20000,
         launcher="slurm",
+        nodes=_int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", 1)),
     )
 
 

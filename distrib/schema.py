@@ -280,6 +280,12 @@ class TrainSection:
     label_smoothing: float = _f(0.0, "Cross-entropy label smoothing.", within="[0, 1)")
     grad_clip: float = _f(0.0, "Clip the global gradient norm to this (0 = off).", within="[0, inf)")
     accum_steps: int = _f(1, "Gradient accumulation: micro-batches per optimizer step.", within="[1, inf)")
+    global_batch: int = _f(
+        0,
+        "Images per optimizer step over all ranks (0 = data.batch_size x ranks x accum_steps). Kept "
+        "when a run resumes on another number of ranks; data.batch_size is then the most per rank.",
+        within="[0, inf)",
+    )
     amp: str = _f(
         "off",
         "Mixed precision on CUDA: off, bf16 or fp16 (with GradScaler).",

@@ -49,6 +49,9 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
     def handle(self, signum: int, frame: object) -> None:
+        if signum == AGENT_GONE and parent_alive():  # a thread of the agent ended, not the agent
+            log.debug("SIGHUP while the launcher (pid %d) is alive: one of its threads ended", os.getppid())
+            return
         if self.received and signum == AGENT_GONE:  # the dying agent's other threads: the same news
             return
         if self.received:  # the second signal this process got: no more waiting
@@ -69,6 +72,7 @@ class Stopped(Exception):  # noqa: N818 - the run ended on request, not an error
 
 
 _CURRENT: list[StopRequest] = []  # the request installed in this process (signal handlers are global)
+_PARENT: list[int] = []  # the pid whose death die_with_parent asked to hear of
 
 
 def install() -> StopRequest:
@@ -99,9 +103,20 @@ def die_with_parent(sig: int) -> bool:
             return False
     except (OSError, AttributeError):
         return False
+    _PARENT[:] = [os.getppid()]
     if os.getppid() == 1:  # the parent died before the call: nobody would ever tell us
         os.kill(os.getpid(), sig)
     return True
+
+
+def parent_alive() -> bool:
+    """Is the process die_with_parent watches still our parent?
+
+    Linux sends the parent-death signal when the *thread* that started us exits. torch's
+    elastic agent starts ranks from helper threads too, so one of them ending (while the agent
+    lives on, e.g. when a node of a multi-node job left) must not read as "the launcher is gone".
+    """
+    return bool(_PARENT) and _PARENT[0] != 1 and os.getppid() == _PARENT[0]
 
 
 def loader_worker() -> None:

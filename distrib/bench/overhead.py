@@ -77,7 +77,7 @@ def make_data(shape: Shape) -> tuple[Any, Any]:
 
 
 class _NoSkip:
-    def skip_once(self, items: int) -> None:
+    def start_at(self, samples: int) -> None:
         """In-memory batches are never resumed mid-epoch."""
 
 
@@ -154,7 +154,7 @@ class Interleave(Hook):
         self.mark = time.perf_counter()
 
     def after_step(self, run: Run) -> None:
-        k = run.prog.batch_in_epoch - 1
+        k = run.prog.samples_in_epoch // run.eng.global_batch - 1  # this epoch's step
         on = self.monitor is not None and k % 4 in (1, 2)
         if on:
             start = time.perf_counter()

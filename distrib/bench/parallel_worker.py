@@ -78,7 +78,7 @@ class GlobalBatches:
 
 
 class _NoSkip:
-    def skip_once(self, items: int) -> None:
+    def start_at(self, samples: int) -> None:
         """In-memory batches are never resumed mid-epoch."""
 
 
@@ -143,7 +143,7 @@ def epochs(run: Run, recorder: StepRecorder, steps: int) -> None:
     while len(recorder.seconds) < steps:
         train_epoch(run)
         run.prog.epoch += 1
-        run.prog.batch_in_epoch, run.prog.epoch_sums = 0, [0.0, 0.0, 0.0]
+        run.prog.samples_in_epoch, run.prog.epoch_sums = 0, [0.0, 0.0, 0.0]
 
 
 def measure(run: Run, recorder: StepRecorder, spec: Spec, batches: Any) -> dict[str, Any]:
@@ -226,7 +226,7 @@ class HandLoop(Hook):
         import torch
         from torch import nn
 
-        k = run.prog.batch_in_epoch - 1
+        k = run.prog.samples_in_epoch // run.eng.global_batch - 1  # this epoch's step
         start = time.perf_counter()
         x = (self.batches.images[k % 4].to(self.ctx.device).float() - self.mean) / self.std
         loss = nn.functional.cross_entropy(self.model(x), self.batches.targets[k % 4].to(self.ctx.device))

@@ -29,12 +29,11 @@ log = logging.getLogger(__name__)
 METRICS_COLUMNS = ["epoch", "split", "loss", "acc", "images", "seconds", "images_per_s", "lr"]
 
 
-def planned_epochs(cfg: Config, batches_per_epoch: int) -> int:
+def planned_epochs(cfg: Config, steps_per_epoch: int) -> int:
     """The epochs the run will train: train.epochs, or fewer when train.max_steps ends it first."""
     if not cfg.train.max_steps:
         return cfg.train.epochs
-    per_epoch = max(1, math.ceil(batches_per_epoch / cfg.train.accum_steps))
-    return min(cfg.train.epochs, math.ceil(cfg.train.max_steps / per_epoch))
+    return min(cfg.train.epochs, math.ceil(cfg.train.max_steps / max(1, steps_per_epoch)))
 
 
 class StepLog(Hook):
@@ -62,7 +61,8 @@ class StepLog(Hook):
 
     def start_epoch(self, run: Run) -> None:
         """The window begins at the epoch's current sums (non-zero when resumed mid-epoch)."""
-        self.prev = self._global(run) if run.sums and run.sums.count else [0.0, 0.0]
+        # every rank decides alike (the sums of a resumed epoch are rank 0's alone): one all-reduce or none
+        self.prev = self._global(run) if run.sums is not None and run.prog.samples_in_epoch else [0.0, 0.0]
 
     def after_step(self, run: Run) -> None:
         prog = run.prog
@@ -177,7 +177,7 @@ def end_of_epoch(run: Run) -> dict[str, Any]:
     log.info(
         "epoch %d/%d train loss %.4f acc %.4f | %s | %.0f img/s",
         prog.epoch + 1,
-        planned_epochs(run.cfg, run.eng.batches_per_epoch),
+        planned_epochs(run.cfg, run.eng.steps_per_epoch),
         train["loss"],
         train["acc"],
         shown,
@@ -223,6 +223,10 @@ def summarise(run: Run, skipped: int) -> dict[str, Any]:
         "epochs": prog.epoch,
         "global_step": prog.global_step,
         "world_size": ctx.world_size,
+        "global_batch": run.eng.global_batch,
+        "per_rank_batch": run.cfg.data.batch_size,
+        "accum_steps": run.cfg.train.accum_steps,
+        "sample_ledger": prog.ledger,  # per epoch: samples trained, left out, repeated, missed
         "parallel_mode": run.eng.mode,
         "device": ctx.device,
         "images_per_s": prog.train_images / prog.train_seconds if prog.train_seconds else None,

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
+from datasets.ledger import Ledger
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
 from distrib.engine.step import Engine
 from distrib.errors import CheckpointWriteError, EchoedError, LaunchError
 from distrib.hang import Watch
-from distrib.process_group import broadcast_object, gather_objects
+from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
 from distrib.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,17 @@ class Progress:
     """The loop's position and history; saved in checkpoints, so resume is exact."""
 
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
-    global_step: int = 0  # optimizer steps
+    samples_in_epoch: int = 0  # positions of the epoch's global order consumed (all ranks together)
+    global_step: int = 0  # optimizer steps of the global batch
     best_acc: float = -1.0
-    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
+    # loss*n, correct, n of the epoch so far: this rank's share while it runs, the sum over all
+    # ranks in a checkpoint (a resume at any world size then reports the whole epoch exactly)
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     epoch_seconds: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     train_images: float = 0.0
+    ledger: list[dict[str, Any]] = field(default_factory=list)  # each finished epoch's ledger check
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Run:
     skipped: list[str] = field(default_factory=list)  # undecodable images (data.on_bad_image = skip)
     stop: StopRequest | None = None  # SIGTERM/SIGINT seen: stop at the next step boundary
     watch: Watch = field(default_factory=Watch)  # the step and operation in progress (hang diagnosis)
+    ledger: Ledger | None = None  # the sample ledger of the epoch in progress (train; not benchmarks)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -99,13 +104,17 @@ class Run:
 
 
 def checkpoint_state(run: Run) -> dict[str, Any] | None:
-    """Collect every rank's RNG state; returns the checkpoint dict on rank 0 (None elsewhere)."""
+    """Every rank's RNG state, the epoch's sums and its ledger; the dict on rank 0 (None elsewhere)."""
     rngs = gather_objects(run.ctx, ck.rng_state())
-    # each rank's running sums of the epoch in progress (progress itself is rank 0's)
-    sums = gather_objects(run.ctx, list(run.prog.epoch_sums))
+    # the epoch's running sums and sample counts, summed over the ranks: exact at any world size
+    sums = all_reduce_sum(
+        run.ctx, torch.tensor(run.prog.epoch_sums, dtype=torch.float64, device=run.ctx.device)
+    )
+    counts = run.ledger.combined(run.ctx) if run.ledger is not None else None
     if not run.ctx.is_main:
         return None
     eng = run.eng
+    progress = asdict(run.prog) | {"epoch_sums": sums.tolist()}
     return {
         "model": eng.bare.state_dict(),
         "model_name": run.cfg.model.name,
@@ -113,10 +122,12 @@ def checkpoint_state(run: Run) -> dict[str, Any] | None:
         "optimizer": eng.optimizer.state_dict(),
         "scheduler": eng.scheduler.state_dict(),
         "scaler": eng.scaler.state_dict() if eng.scaler else None,
-        "progress": asdict(run.prog),
+        "progress": progress,
         "rng": rngs,
-        "epoch_sums": sums,
+        "ledger": counts,
         "world_size": run.ctx.world_size,
+        "nodes": run.ctx.nodes,
+        "global_batch": eng.global_batch,
         "mean": list(eng.feed.mean),
         "std": list(eng.feed.std),
         "config": json.dumps(asdict(run.cfg)),
@@ -176,10 +187,14 @@ def resume_path(ctx: DistContext, cfg: Config, folder: Path) -> Path | None:
     return Path(found) if found else None
 
 
-def resume(run: Run, path: Path) -> None:
-    """Load a checkpoint into the run's engine and progress: it continues where that one stopped."""
+def resume(run: Run, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint into the run's engine and progress: it continues where that one stopped.
+
+    At the checkpoint's world size every rank gets its own RNG state back (bit-identical
+    continuation); at another one the data order, augmentation, sums and ledger are still
+    exact, but per-rank model randomness (dropout) restarts from this rank's seed.
+    """
     ctx, eng = run.ctx, run.eng
-    state = ck.load_checkpoint(path)
     ck.check_compatible(state, run.cfg.model, run.classes, path)
     ck.load_model_state(eng.bare, state["model"], path)
     eng.optimizer.load_state_dict(state["optimizer"])
@@ -187,14 +202,25 @@ def resume(run: Run, path: Path) -> None:
     if eng.scaler and state.get("scaler"):
         eng.scaler.load_state_dict(state["scaler"])
     run.prog = Progress(**state["progress"])
-    rngs, sums = state["rng"], state.get("epoch_sums")
-    if sums and len(sums) == ctx.world_size:
-        run.prog.epoch_sums = list(sums[ctx.rank])  # this rank's share of the epoch so far
+    if not ctx.is_main:  # the epoch's sums and counts so far are global: rank 0 carries them
+        run.prog.epoch_sums = [0.0, 0.0, 0.0]
+    if run.ledger is not None:
+        run.ledger.reset(state.get("ledger") if ctx.is_main else None)
+    rngs = state["rng"]
     if len(rngs) == ctx.world_size:
         ck.set_rng_state(rngs[ctx.rank])
     else:
         log.warning(
-            "checkpoint from %d rank(s), resuming on %d: RNG streams restart", len(rngs), ctx.world_size
+            "checkpoint from %d rank(s), resuming on %d: data order, augmentation and metrics stay "
+            "exact; per-rank model randomness (dropout) restarts from this rank's seed",
+            len(rngs),
+            ctx.world_size,
         )
     p = run.prog
-    log.info("resumed from %s at epoch %d, batch %d, step %d", path, p.epoch, p.batch_in_epoch, p.global_step)
+    log.info(
+        "resumed from %s at epoch %d, sample %d, step %d",
+        path,
+        p.epoch + 1,
+        p.samples_in_epoch,
+        p.global_step,
+    )

@@ -61,10 +61,8 @@ class Engine:
     mode: str
     amp_dtype: torch.dtype | None
     feed: Feed
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.feed.train)
+    steps_per_epoch: int  # optimizer steps of the global batch: the same at every world size
+    global_batch: int  # images per optimizer step over all ranks
 
     @property
     def lr(self) -> float:
@@ -100,11 +98,10 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def make_scheduler(
-    cfg: Config, opt: torch.optim.Optimizer, batches: int
+    cfg: Config, opt: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then the configured schedule, in optimizer steps."""
+    """Linear warm-up, then the configured schedule, in optimizer steps of the global batch."""
     t, o = cfg.train, cfg.optim
-    steps_per_epoch = math.ceil(batches / t.accum_steps)
     total = max(1, steps_per_epoch * t.epochs)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     every = o.step_epochs * steps_per_epoch
@@ -130,11 +127,12 @@ def assemble(ctx: DistContext, cfg: Config, feed: Feed) -> Engine:
     model = wrap(bare, ctx, mode, cfg.parallel.sync_bn)
     opt = make_optimizer(cfg, model)
     dtype = amp_dtype(ctx, cfg)
+    steps = max(1, len(feed.train) // cfg.train.accum_steps)
     return Engine(
         model=model,
         bare=unwrap(model),
         optimizer=opt,
-        scheduler=make_scheduler(cfg, opt, len(feed.train)),
+        scheduler=make_scheduler(cfg, opt, steps),
         scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
         normalizer=Normalizer(
             feed.mean, feed.std, ctx.device, channels_last=cfg.data.channels_last, reuse=True
@@ -143,15 +141,20 @@ def assemble(ctx: DistContext, cfg: Config, feed: Feed) -> Engine:
         mode=mode,
         amp_dtype=dtype,
         feed=feed,
+        steps_per_epoch=steps,
+        global_batch=feed.train.loader.batch_size * ctx.world_size * cfg.train.accum_steps,
     )
 
 
-def check_batch_fits(ctx: DistContext, cfg: Config, shard: int, total: int) -> None:
-    if shard < cfg.data.batch_size:
+def check_batch_fits(ctx: DistContext, cfg: Config, total: int) -> None:
+    """An epoch is (N // G) optimizer steps of the global batch G: at least one must fit."""
+    g = cfg.data.batch_size * ctx.world_size * cfg.train.accum_steps
+    if total < g:
         raise LaunchError(
-            f"data.batch_size {cfg.data.batch_size} is larger than this rank's shard of {shard} "
-            f"training images ({total} images over {ctx.world_size} rank(s)); lower data.batch_size "
-            "(it is per rank) or use fewer processes"
+            f"the global batch of {g} images (data.batch_size {cfg.data.batch_size} x "
+            f"{ctx.world_size} rank(s) x train.accum_steps {cfg.train.accum_steps}) is larger than "
+            f"the {total} training images: an epoch would train nothing; lower data.batch_size or "
+            "train.global_batch, or use fewer processes"
         )
 
 

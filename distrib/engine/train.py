@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import sys
@@ -26,8 +25,10 @@ from typing import Any
 
 import torch
 
+from datasets import ledger
 from datasets.build import DataSplit, Sources, build_split, normalization, pixel_sources
 from datasets.folder import write_class_map
+from datasets.ledger import Ledger
 from datasets.loader import LoaderSpec, build_loader, worker_death
 from datasets.preview import write_preview
 from datasets.transforms import eval_transform, train_transform
@@ -35,6 +36,7 @@ from distrib import hang, signals
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
+from distrib.engine.elastic import apply, change_line, plan_batches, saved_plan
 from distrib.engine.metrics import StepLog, end_of_epoch, finish, planned_epochs, trim_steps, write_metrics
 from distrib.engine.state import EpochSums, Hook, Run, preflight, resume, resume_path, save
 from distrib.engine.step import (
@@ -64,9 +66,9 @@ def build_feed(ctx: DistContext, cfg: Config, split: DataSplit) -> Feed:
     if train_spec.decode_on_device and not decode_on_device_here(ctx, sources):
         train_spec = dataclasses.replace(train_spec, decode_on_device=False)
         val_spec = dataclasses.replace(val_spec, decode_on_device=False)
+    check_batch_fits(ctx, cfg, len(split.train))
     train = build_loader(split.train, train_transform(cfg.data), ctx, train_spec, sources.train)
     val = build_loader(split.val, eval_transform(cfg.data), ctx, val_spec, sources.val)
-    check_batch_fits(ctx, cfg, len(train.sampler), len(split.train))
     return Feed(train, val, tuple(mean), tuple(std), split.classes)
 
 
@@ -82,15 +84,24 @@ def decode_on_device_here(ctx: DistContext, sources: Sources) -> bool:
 
 
 def micro_batches(run: Run) -> Iterator[tuple[bool, Any]]:
-    """(is this the last micro-batch of an optimizer step, batch), resuming mid-epoch exactly."""
+    """(is this the last micro-batch of an optimizer step, batch), resuming mid-epoch exactly.
+
+    The epoch resumes at ``prog.samples_in_epoch`` of its global order (a step boundary), so
+    the micro-batches of a step are counted from there; the ledger counts what each delivered.
+    """
     prog, train, accum = run.prog, run.eng.feed.train, run.cfg.train.accum_steps
-    if prog.batch_in_epoch:
-        train.sampler.skip_once(prog.batch_in_epoch * train.loader.batch_size)
+    if prog.samples_in_epoch:
+        train.sampler.start_at(prog.samples_in_epoch)
+    per_micro_step = train.loader.batch_size * run.ctx.world_size  # positions all ranks consume
     run.watch.at("loading a batch")
-    for batch in train.epoch(prog.epoch):
+    for i, batch in enumerate(train.epoch(prog.epoch)):
         run.skipped.extend(s.path for s in batch.skipped)
-        i = prog.batch_in_epoch
-        yield (i + 1) % accum == 0 or i + 1 == run.eng.batches_per_epoch, batch
+        if run.ledger is not None:
+            run.ledger.add(batch.indices)
+            if batch.skipped:
+                run.ledger.add([s.index for s in batch.skipped])
+        prog.samples_in_epoch += per_micro_step
+        yield (i + 1) % accum == 0, batch
         run.watch.at("loading a batch")
 
 
@@ -110,7 +121,6 @@ def train_epoch(run: Run) -> bool:
         sums.loss.add_(loss, alpha=n)
         sums.hits.add_(hits)
         sums.count += n
-        prog.batch_in_epoch += 1
         if not sync:
             continue
         run.watch.at("the optimizer step")
@@ -132,16 +142,19 @@ def train_epoch(run: Run) -> bool:
             break
     prog.epoch_seconds += time.perf_counter() - start
     prog.epoch_sums = sums.as_list()
-    return prog.batch_in_epoch >= eng.batches_per_epoch
+    return prog.samples_in_epoch >= epoch_samples(run)
+
+
+def epoch_samples(run: Run) -> int:
+    """The positions of the epoch's global order it trains (the tail of N mod G left out)."""
+    return run.eng.steps_per_epoch * run.eng.global_batch
 
 
 def _save_due(run: Run) -> bool:
     """checkpoint.every_steps fell on this step (and it is not the epoch's last: that one saves anyway)."""
     every = run.cfg.checkpoint.every_steps
     return (
-        bool(every)
-        and run.prog.global_step % every == 0
-        and run.prog.batch_in_epoch < run.eng.batches_per_epoch
+        bool(every) and run.prog.global_step % every == 0 and run.prog.samples_in_epoch < epoch_samples(run)
     )
 
 
@@ -174,14 +187,18 @@ def run_epochs(run: Run) -> None:
     cfg, prog = run.cfg, run.prog
     while prog.epoch < cfg.train.epochs:
         if not train_epoch(run):
+            check_ledger(run, final=False)
             save(run, best=False)  # stopped by max_steps mid-epoch
             break
+        check_ledger(run, final=True)
         val = end_of_epoch(run)
         acc = val["acc"] if val["acc"] is not None else -1.0
         best = acc > prog.best_acc
         prog.best_acc = max(prog.best_acc, acc)
         prog.epoch += 1
-        prog.batch_in_epoch, prog.epoch_sums, prog.epoch_seconds = 0, [0.0, 0.0, 0.0], 0.0
+        prog.samples_in_epoch, prog.epoch_sums, prog.epoch_seconds = 0, [0.0, 0.0, 0.0], 0.0
+        if run.ledger is not None:
+            run.ledger.reset()
         if run.ctx.is_main and run.run_dir is not None:
             write_metrics(run.run_dir, prog.rows)
         if cfg.checkpoint.every_epoch or prog.epoch == cfg.train.epochs:
@@ -190,8 +207,27 @@ def run_epochs(run: Run) -> None:
             break
 
 
-def total_steps(cfg: Config, batches_per_epoch: int) -> int:
-    steps = math.ceil(batches_per_epoch / cfg.train.accum_steps) * cfg.train.epochs
+def check_ledger(run: Run, final: bool) -> None:
+    """Every rank's sample counts summed and held against the epoch's order; a mismatch stops the run.
+
+    ``final``: the epoch ended (recorded in summary.json); else the run stops inside it
+    (train.max_steps) and the positions consumed so far are checked.
+    """
+    if run.ledger is None:
+        return
+    prog = run.prog
+    run.watch.at(f"the sample ledger of epoch {prog.epoch + 1} (an all-reduce)")
+    counts = run.ledger.combined(run.ctx)
+    order = run.eng.feed.train.sampler.order(prog.epoch)
+    verdict = ledger.check(counts, order, prog.samples_in_epoch, prog.epoch)
+    if not verdict.exact:
+        raise ledger.violation(verdict)
+    if final:
+        prog.ledger.append(verdict.as_dict())
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    steps = steps_per_epoch * cfg.train.epochs
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
@@ -218,32 +254,42 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     if resume_from not in ("", "auto") and not Path(resume_from).is_file():  # before organize and stats
         raise LaunchError(f"checkpoint {resume_from} does not exist (checkpoint.resume / --resume)")
     set_determinism(cfg)
+    mgr = ck.CheckpointManager(cfg.checkpoint.folder(run_dir), cfg.checkpoint.keep_last)
+    path = resume_path(ctx, cfg, mgr.folder)
+    state = ck.load_checkpoint(path) if path else None  # its global batch decides the split
+    plan = plan_batches(cfg, ctx, saved_plan(state, path) if state and path else None, f"checkpoint {path}")
+    cfg = apply(cfg, plan)
     split = build_split(ctx, cfg)
     feed = build_feed(ctx, cfg, split)
-    mgr = ck.CheckpointManager(cfg.checkpoint.folder(run_dir), cfg.checkpoint.keep_last)
     run = Run(ctx, cfg, assemble(ctx, cfg, feed), ckpts=mgr, run_dir=run_dir, stop=stop)
+    run.ledger = Ledger(len(split.train))
     preflight(ctx, mgr)
-    path = resume_path(ctx, cfg, mgr.folder)
     seed_process(derive_seed(cfg.run.seed, STEPS, ctx.rank))  # dropout etc.; a resume restores it
-    if path:
-        resume(run, path)
+    if state is not None and path is not None:
+        changed = change_line(state, ctx, plan, epoch_samples(run))
+        if changed:
+            log.warning("%s", changed)
+        resume(run, state, path)
         if ctx.is_main:
             trim_steps(run_dir / "steps.csv", run.prog.global_step)
     if ctx.is_main:
         write_class_map(feed.classes, run_dir / "classes.json")
         if not path:
             write_preview(ctx, cfg, split, feed.mean, feed.std, run_dir / "preview.png")
+    steps = run.eng.steps_per_epoch
     log.info(
-        "training %s (%s) on %d image(s), validating on %d; %d class(es); %d batch(es)/epoch",
+        "training %s (%s) on %d image(s), validating on %d; %d class(es); %s; %d step(s)/epoch",
         cfg.model.name,
         run.eng.mode,
         len(split.train),
         len(split.val),
         len(feed.classes),
-        run.eng.batches_per_epoch,
+        plan.describe(),
+        steps,
     )
-    bpe = run.eng.batches_per_epoch
-    run.hooks.append(StepLog(run_dir, cfg.train.log_every, total_steps(cfg, bpe), planned_epochs(cfg, bpe)))
+    run.hooks.append(
+        StepLog(run_dir, cfg.train.log_every, total_steps(cfg, steps), planned_epochs(cfg, steps))
+    )
     monitor = start_monitor(run) if cfg.memory.enabled else None
     watchdog = start_watchdog(run)
     try:

@@ -156,7 +156,7 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(demo: Path, base: Path, t
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"skipping {ckpts[-1].name}" in res.stderr and "fails its integrity check" in res.stderr
-    assert f"resumed from {ckpts[0]} at epoch 1" in res.stderr
+    assert f"resumed from {ckpts[0]} at epoch 2, sample 0" in res.stderr
 
 
 # ----------------------------------------------------------------------------- 4. a reused run name
@@ -171,7 +171,7 @@ def test_a_reused_run_name_is_refused_and_changes_nothing(demo: Path, base: Path
     res = launch("train", *tiny(demo, tmp_path, "base", "train.epochs=1", "run.overwrite=true"))
     assert res.returncode == 0, res.stderr[-2000:]
     names = sorted(p.name for p in (tmp_path / "base" / "checkpoints").iterdir())
-    assert names == ["best.pt", "ckpt-00000011.pt"]  # the first run's ckpt-22 is gone with it
+    assert names == ["best.pt", "ckpt-00000010.pt"]  # the first run's ckpt-20 is gone with it
     rows = list(csv.DictReader((tmp_path / "base" / "metrics.csv").open()))
     assert len(rows) == 2  # one epoch: this run's rows only
 
@@ -248,7 +248,7 @@ def test_resume_restores_the_rng_a_dropout_model_draws_from(demo: Path, tmp_path
     assert launch("train", *tiny(demo, tmp_path, "full", *sets)).returncode == 0
     assert launch("train", *tiny(demo, tmp_path, "cut", *sets, "train.max_steps=14")).returncode == 0
     res = launch("train", *tiny(demo, tmp_path, "cut", *sets), "--resume", "auto")
-    assert res.returncode == 0 and "at epoch 1, batch 3, step 14" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 0 and "at epoch 2, sample 32, step 14" in res.stderr, res.stderr[-2000:]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     nodrop = launch("train", *tiny(demo, tmp_path, "nodrop", "train.epochs=2"))

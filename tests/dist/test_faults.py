@@ -209,7 +209,7 @@ def test_sigint_to_a_single_process_stops_at_a_step_and_resumes(demo: Path, tmp_
     again = launch(*args[2:], "--resume", "auto", timeout=200)
     assert again.returncode == 0, again.stderr[-3000:]
     steps = [r["step"] for r in csv.DictReader((tmp_path / "i" / "steps.csv").open())]
-    assert len(steps) == len(set(steps)) and int(steps[-1]) == 44  # 4 epochs x 11 steps, no row twice
+    assert len(steps) == len(set(steps)) and int(steps[-1]) == 40  # 4 epochs x 10 steps of 8, no row twice
 
 
 def test_sigterm_to_torchruns_agent_stops_the_ranks_at_a_step(demo: Path, tmp_path: Path) -> None:

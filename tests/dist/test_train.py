@@ -199,9 +199,10 @@ def test_non_finite_loss_stops_every_rank_naming_step_rank_and_lr(demo: Path, tm
     assert "on rank" in res.stderr and "step" in res.stderr
 
 
-def test_batch_larger_than_a_shard(demo: Path, tmp_path: Path) -> None:
+def test_a_global_batch_larger_than_the_training_set_is_refused(demo: Path, tmp_path: Path) -> None:
     res = launch("train", "--nproc-per-node", "2", *tiny(demo, tmp_path, "big", "data.batch_size=64"))
-    assert res.returncode != 0 and "data.batch_size 64 is larger than this rank's shard of 42" in res.stderr
+    assert res.returncode == 2 and "global batch of 128 images (data.batch_size 64 x 2 rank(s)" in res.stderr
+    assert "larger than the 84 training images" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_one_class_is_refused(tmp_path: Path) -> None:
@@ -246,7 +247,7 @@ def test_accumulation_matches_the_larger_batch_and_resume_auto(demo: Path, tmp_p
         "--resume",
         "auto",
     )
-    assert again.returncode == 0 and "ckpt-00000004.pt at epoch 0, batch 8, step 4" in again.stderr
+    assert again.returncode == 0 and "ckpt-00000004.pt at epoch 1, sample 64, step 4" in again.stderr
 
 
 def test_training_without_a_validation_split(demo: Path, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def batches(
     samples: Samples, data, source, workers: int, epoch: int, train: bool = True
 ) -> list[torch.Tensor]:
     spec = LoaderSpec(
-        seed=7, batch_size=4, num_workers=workers, train=train, decoder=Decoder.from_config(data)
+        seed=7, batch_size=5, num_workers=workers, train=train, decoder=Decoder.from_config(data)
     )
     tf = train_transform(data) if train else eval_transform(data)
     loader = build_loader(samples, tf, DistContext(), spec, source)
@@ -75,7 +75,7 @@ def _cached_loader(tmp_path: Path, workers: int, n: int = 10, inline: bool = Tru
     samples = images(tmp_path / "img", n)
     data = cfg_data("data.resize=[24, 20]", "data.hflip=0.5")
     cache = open_cache(DistContext(), [samples], tmp_path / "c", Decoder.from_config(data))
-    spec = LoaderSpec(seed=7, batch_size=4, num_workers=workers, train=True,
+    spec = LoaderSpec(seed=7, batch_size=5, num_workers=workers, train=True,
                       decoder=Decoder.from_config(data), cache_inline=inline)  # fmt: skip
     source = CachedSource(cache, cache.slots(samples))
     return samples, build_loader(samples, train_transform(data), DistContext(), spec, source)

@@ -152,8 +152,10 @@ def test_messages_for_oom_and_batch_size() -> None:
     cfg = load_config(None, ["data.batch_size=64"])
     msg = oom_message(DistContext(), cfg, (64, 3, 1024, 1024))
     assert "data.batch_size 64" in msg and "bf16" in msg and "[64, 3, 1024, 1024]" in msg
-    with pytest.raises(LaunchError, match="larger than this rank's shard of 40"):
-        check_batch_fits(DistContext(rank=0, world_size=2, local_world_size=2), cfg, 40, 80)
+    with pytest.raises(LaunchError, match=r"global batch of 128 images \(data.batch_size 64 x 2 rank\(s\) x "
+                       r"train.accum_steps 1\) is larger than the 80 training images"):  # fmt: skip
+        check_batch_fits(DistContext(rank=0, world_size=2, local_world_size=2), cfg, 80)
+    check_batch_fits(DistContext(rank=0, world_size=2, local_world_size=2), cfg, 128)  # one step fits
 
 
 def test_paired_ratio_recovers_a_known_overhead_through_noise() -> None:
@@ -207,4 +209,4 @@ def test_planned_epochs_follow_max_steps() -> None:
     assert planned_epochs(memcheck, 7) == 43  # 300 steps of 7 batches: 43 epochs, not a million
     assert planned_epochs(load_config(None, ["train.epochs=5"]), 7) == 5
     accum = load_config(None, ["train.epochs=50", "train.max_steps=10", "train.accum_steps=2"])
-    assert planned_epochs(accum, 8) == 3  # 4 steps per epoch
+    assert planned_epochs(accum, 4) == 3  # 4 steps per epoch

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from conftest import LAUNCH
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -235,38 +236,58 @@ def ranks(world: int) -> list[DistContext]:
     return [DistContext(rank=r, world_size=world, local_rank=r, local_world_size=world) for r in range(world)]
 
 
+def _divisor(data: st.DataObject, g: int) -> int:
+    return data.draw(st.sampled_from([w for w in range(1, g + 1) if g % w == 0]))
+
+
 @examples(300)
-@given(st.integers(0, 300), st.integers(1, 8), st.integers(-(2**63), 2**64 - 1), st.integers(0, 50))
-def test_training_shards_never_share_an_index_and_cover_all_but_the_tail(
-    n: int, world: int, seed: int, epoch: int
+@given(st.integers(0, 300), st.integers(1, 48), st.integers(-(2**63), 2**63), st.integers(0, 9), st.data())
+def test_an_epoch_trains_the_same_samples_in_the_same_steps_at_every_world_size(
+    n: int, g: int, seed: int, epoch: int, data: st.DataObject
 ) -> None:
-    seen: Counter[int] = Counter()
+    """Global batch g on any world size that divides it: step s covers positions [s*g, (s+1)*g) of
+    the epoch's order, the same set as on one rank; the n % g positions after the last step are
+    left out; no index twice."""
+    world = _divisor(data, g)
+    one = TrainSampler(n, ranks(1)[0], seed, g)
+    one.set_epoch(epoch)
+    order = one.order(epoch).tolist()
+    e = n // g * g
+    assert [i for i, _ in one] == order[:e] and sorted(order) == list(range(n))
+    per_rank = g // world
+    steps: list[set[int]] = [set() for _ in range(n // g)]
     for ctx in ranks(world):
-        s = TrainSampler(n, ctx, seed)
+        s = TrainSampler(n, ctx, seed, g)
         s.set_epoch(epoch)
         keys = list(s)
-        assert len(keys) == len(s) and all(e == epoch for _, e in keys)
-        seen.update(i for i, _ in keys)
-    assert all(c == 1 for c in seen.values())  # no index twice in an epoch across ranks
-    assert set(seen) <= set(range(n))
-    # one rank: every index; W ranks: all but the n % W dropped (equal shards keep DDP in step)
-    assert len(seen) == (n if world == 1 else n - n % world)
+        assert len(keys) == len(s) == e // world and all(k[1] == epoch for k in keys)
+        for step in range(n // g):
+            steps[step].update(i for i, _ in keys[step * per_rank : (step + 1) * per_rank])
+    assert steps == [set(order[k * g : (k + 1) * g]) for k in range(n // g)]
 
 
 @examples(200)
-@given(st.integers(1, 200), st.integers(1, 6), st.integers(0, 2**32), st.integers(0, 9), st.data())
-def test_a_resumed_epoch_continues_the_same_order(
-    n: int, world: int, seed: int, epoch: int, data: st.DataObject
+@given(st.integers(1, 200), st.integers(1, 24), st.integers(0, 2**32), st.integers(0, 9), st.data())
+def test_an_epoch_stopped_on_one_world_size_and_resumed_on_another_trains_each_sample_once(
+    n: int, g: int, seed: int, epoch: int, data: st.DataObject
 ) -> None:
-    ctx = ranks(world)[data.draw(st.integers(0, world - 1))]
-    whole = TrainSampler(n, ctx, seed)
-    whole.set_epoch(epoch)
-    full = list(whole)
-    skip = data.draw(st.integers(0, len(full)))
-    resumed = TrainSampler(n, ctx, seed)
-    resumed.set_epoch(epoch)
-    resumed.skip_once(skip)
-    assert list(resumed) == full[skip:]
+    before, after = _divisor(data, g), _divisor(data, g)
+    steps = n // g
+    stop = data.draw(st.integers(0, steps)) * g  # a checkpoint at a step boundary
+    trained: Counter[int] = Counter()
+    for ctx in ranks(before):
+        s = TrainSampler(n, ctx, seed, g)
+        s.set_epoch(epoch)
+        trained.update(i for i, _ in list(s)[: stop // before])
+    for ctx in ranks(after):
+        s = TrainSampler(n, ctx, seed, g)
+        s.set_epoch(epoch)
+        s.start_at(stop)
+        trained.update(i for i, _ in s)
+    order = TrainSampler(n, ranks(1)[0], seed, g).order(epoch).tolist()
+    assert trained == Counter(order[: steps * g])
+    with pytest.raises(ValueError, match="not a step boundary"):
+        TrainSampler(n, ranks(1)[0], seed, g).start_at(stop + 1 if g > 1 else steps * g + 1)
 
 
 @examples(300)
@@ -277,16 +298,23 @@ def test_evaluation_shards_hold_every_index_exactly_once(n: int, world: int) -> 
 
 
 @examples(100)
-@given(st.lists(st.integers(0, 4), min_size=1, max_size=120), st.integers(1, 6), st.integers(0, 2**32))
-def test_balanced_shards_are_equal_and_come_from_one_draw(targets: list[int], world: int, seed: int) -> None:
+@given(
+    st.lists(st.integers(0, 4), min_size=1, max_size=99), st.integers(1, 12), st.integers(0, 2**31), st.data()
+)
+def test_balanced_shards_are_equal_and_come_from_one_draw(
+    targets: list[int], g: int, seed: int, data: st.DataObject
+) -> None:
     t = np.unique(np.asarray(targets), return_inverse=True)[1]  # classes 0..K-1, each present, as ImageFolder
+    world = _divisor(data, g)
     shards = []
     for ctx in ranks(world):
-        s = BalancedSampler(t, ctx, seed)
+        s = BalancedSampler(t, ctx, seed, g)
         s.set_epoch(3)
         shards.append([i for i, _ in s])
-        again = BalancedSampler(t, ctx, seed)  # another process, same (seed, epoch): the same shard
+        again = BalancedSampler(t, ctx, seed, g)  # another process, same (seed, epoch): the same shard
         again.set_epoch(3)
         assert [i for i, _ in again] == shards[-1]
-    assert len({len(x) for x in shards}) == 1 and sum(map(len, shards)) == math.ceil(len(t) / world) * world
-    assert all(0 <= i < len(t) for x in shards for i in x)
+    draw = BalancedSampler(t, ranks(1)[0], seed, g).order(3).tolist()  # one draw, whatever the world
+    e = len(t) // g * g
+    assert len({len(x) for x in shards}) == 1 and sum(map(len, shards)) == e
+    assert sorted(i for x in shards for i in x) == sorted(draw[:e])

@@ -43,10 +43,10 @@ def test_no_two_rank_worker_pairs_draw_the_same_stream() -> None:
 
 
 def _steps(world: int, batch: int, n: int, epoch: int) -> list[list[list[int]]]:
-    """Per rank, the list of index batches of one epoch."""
+    """Per rank, the list of index batches of one epoch (global batch 8)."""
     out = []
     for r in range(world):
-        s = TrainSampler(n, ctx(r, world), seed=3)
+        s = TrainSampler(n, ctx(r, world), seed=3, global_batch=8)
         s.set_epoch(epoch)
         keys = list(s)
         assert all(e == epoch for _, e in keys)
@@ -59,12 +59,11 @@ def test_two_rank_steps_union_to_the_one_rank_double_batch() -> None:
     n, b = 103, 4
     (one,) = _steps(1, 2 * b, n, epoch=0)
     r0, r1 = _steps(2, b, n, epoch=0)
-    full = [k for k in range(min(len(r0), len(r1))) if len(r0[k]) == b and len(r1[k]) == b]
-    assert len(full) >= 12
-    for k in full:
+    assert len(one) == len(r0) == len(r1) == n // 8  # every batch full: the tail of n % 8 is left out
+    for k in range(len(one)):
         assert sorted(r0[k] + r1[k]) == sorted(one[k])
     flat0, flat1 = sum(r0, []), sum(r1, [])
-    assert not set(flat0) & set(flat1) and len(flat0) == len(flat1) == n // 2
+    assert not set(flat0) & set(flat1) and len(flat0) == len(flat1) == n // 8 * 4
     assert _steps(2, b, n, epoch=1)[0] != r0  # epochs differ
 
 
@@ -147,7 +146,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(images: Samples) -> N
     assert len(ref) == 12
     for world, workers in [(1, 1), (1, 2), (2, 0), (2, 2)]:
         got = _augmented(images, world, workers, epoch=2)
-        assert got.keys() <= ref.keys() and len(got) >= 12 - world + 1
+        assert got.keys() <= ref.keys() and len(got) == 12 // (4 * world) * (4 * world)  # the tail rule
         for i, img in got.items():
             assert torch.equal(img, ref[i]), (world, workers, i)
     other = _augmented(images, world=1, workers=0, epoch=3)
