@@ -219,7 +219,8 @@ def check_ledger(run: Run, final: bool) -> None:
     run.watch.at(f"the sample ledger of epoch {prog.epoch + 1} (an all-reduce)")
     counts = run.ledger.combined(run.ctx)
     order = run.eng.feed.train.sampler.order(prog.epoch)
-    verdict = ledger.check(counts, order, prog.samples_in_epoch, prog.epoch)
+    consumed = epoch_samples(run) if final else prog.samples_in_epoch  # what the epoch should have trained
+    verdict = ledger.check(counts, order, consumed, prog.epoch)
     if not verdict.exact:
         raise ledger.violation(verdict)
     if final:

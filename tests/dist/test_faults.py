@@ -160,11 +160,13 @@ def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
     return psutil.Process(proc.pid).children(recursive=True)
 
 
-def stop_and_check(proc: subprocess.Popen, sig: int, run_dir: Path, ranks: int, only_rank: str = "") -> str:
-    """Send ``sig`` once training runs (to the job, or to rank ``only_rank`` alone); the job stops,
-    every rank at the same step, checkpointed, one line per rank, nothing left."""
+def stop_and_check(
+    proc: subprocess.Popen, sig: int, run_dir: Path, ranks: int, only_rank: str = "", after: int = 4
+) -> str:
+    """Send ``sig`` once ``after`` steps ran (to the job, or to rank ``only_rank`` alone); the job
+    stops, every rank at the same step, checkpointed, one line per rank, nothing left."""
     deadline = time.monotonic() + 120
-    while steps_logged(run_dir) < 4 and time.monotonic() < deadline:
+    while steps_logged(run_dir) < after and time.monotonic() < deadline:
         time.sleep(0.02)
     tree = descendants(proc)
     start = time.monotonic()
