@@ -137,6 +137,7 @@ def spawn_plan(args: argparse.Namespace, cfg: Config, plan: DevicePlan, inv: Inv
         args.rdzv_endpoint,
         args.rdzv_id,
         args.max_restarts,
+        rejoin_s=cfg.dist.timeout_s,
     )
 
 

@@ -35,6 +35,7 @@ class DistContext:
     device: str = "cpu"  # "cpu" or "cuda:<local_rank>"
     launcher: str = "single"  # torchrun | slurm | single
     restart: int = 0  # the elastic agent's restart round (TORCHELASTIC_RESTART_COUNT); 0 = first start
+    rdzv_round: int = 0  # the rendezvous round all nodes agree on (our launcher); else the restart count
     nodes: int = 1  # nodes in the job (GROUP_WORLD_SIZE, SLURM_NNODES): elastic resumes name a change
     run_id: str = ""  # TORCHELASTIC_RUN_ID: the rendezvous whose round keys this job's store holds
 
@@ -118,6 +119,7 @@ def _from_torchrun(env: Mapping[str, str]) -> dict[str, object]:
         master_port=_int(env, "MASTER_PORT", 0),
         launcher="torchrun",
         restart=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+        rdzv_round=_int(env, "TORCHLAUNCH_RDZV_ROUND", _int(env, "TORCHELASTIC_RESTART_COUNT", 0)),
         nodes=_int(env, "GROUP_WORLD_SIZE", max(1, world // max(local_world, 1))),
         run_id=env.get("TORCHELASTIC_RUN_ID", ""),
     )

@@ -29,18 +29,20 @@ _STORE: Any = None  # the rendezvous store of the group this process joined (rea
 
 
 def _store(ctx: DistContext, timeout_s: float) -> Any:
-    """The rendezvous store, with keys prefixed by the elastic agent's restart round.
+    """The rendezvous store, with keys prefixed by the rendezvous round.
 
     Under torchrun the workers share the agent's store, and it outlives a restart: without a
     prefix of their own, a restarted round reads the dead round's addresses and cannot form
-    its group ("Gloo connectFullMesh failed ... Connection refused").
+    its group ("Gloo connectFullMesh failed ... Connection refused"). The round is the one all
+    nodes agreed on (our launcher exports it, distrib/membership.py); under plain torchrun it is
+    the agent's restart count, which only one node can be sure of.
     """
     from torch.distributed.rendezvous import _create_c10d_store
 
     store = _create_c10d_store(
         ctx.master_addr, ctx.master_port, ctx.rank, ctx.world_size, timedelta(seconds=timeout_s)
     )
-    return dist.PrefixStore(f"launch/round_{ctx.restart}", store)
+    return dist.PrefixStore(f"launch/round_{ctx.rdzv_round}", store)
 
 
 def bind_device(ctx: DistContext) -> None:

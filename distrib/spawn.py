@@ -12,6 +12,7 @@ which also avoids ``LaunchConfig``'s defaults that differ from torchrun's CLI
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 from collections.abc import Sequence
@@ -21,6 +22,10 @@ from pathlib import Path
 from distrib.errors import LEAK_EXIT, LaunchError, user_error_names
 
 log = logging.getLogger(__name__)
+# An elastic job (--nnodes MIN:MAX): once MIN nodes are in, a round waits 2 s (not 30) for more;
+# a node whose agent stopped answering is dropped after 4 missed 1 s heartbeats (not 3 of 5 s):
+# until then the survivors cannot form the next round.
+ELASTIC_RDZV = {"last_call_timeout": 2, "keep_alive_interval": 1, "keep_alive_max_attempt": 4}
 
 # launcher-only flags (both spellings) and whether they take a value; they are not
 # passed on to the workers.
@@ -49,6 +54,7 @@ class SpawnPlan:
     rdzv_id: str = "none"
     max_restarts: int = 0
     run_dir: str = ""  # the workers' run directory: its memory reports tell a leak's exit 3 from a script's
+    rejoin_s: float = 0.0  # after the first round, a round must form within this (0: torch's 600 s)
 
 
 def strip_launcher_flags(argv: Sequence[str]) -> list[str]:
@@ -86,6 +92,8 @@ def torchrun_argv(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> l
     if plan.rdzv_endpoint:
         argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", plan.rdzv_endpoint]
         argv += ["--rdzv-id", plan.rdzv_id]
+        if ":" in plan.nnodes:  # elastic: see ELASTIC_RDZV
+            argv += ["--rdzv-conf", ",".join(f"{k}={v}" for k, v in ELASTIC_RDZV.items())]
     elif plan.master_port is not None:
         argv += ["--rdzv-backend", "static", "--node-rank", str(plan.node_rank)]
         argv += ["--master-addr", plan.master_addr or "127.0.0.1"]
@@ -203,9 +211,31 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
+    from distrib.membership import install
+
+    member = install(plan.rejoin_s)
+    if max_nodes(plan.nnodes) > 1:
+        # torch's workers share the round-0 agent's TCP store; a node that joins later then waits
+        # forever for bootstrap keys the old rank-0 agent never writes again. A store per round
+        # (rank 0's worker hosts it) has neither that hang nor a dead round's keys.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun.run(torchrun.parse_args(argv))
+    except RendezvousError as e:
+        if not member.rounds:
+            raise LaunchError(
+                f"the job's rendezvous at {plan.rdzv_endpoint or 'its endpoint'} did not complete "
+                f"({_first_line(e)}): check that --nnodes {plan.nnodes} node(s) started with the same "
+                "--rdzv-endpoint and --rdzv-id, and that the endpoint is reachable"
+            ) from None
+        raise LaunchError(
+            f"a node left the job (it ran on {member.nodes} node(s), world size {member.world}) and no "
+            f"new round of --nnodes {plan.nnodes} formed within {plan.rejoin_s:g} s ({_first_line(e)}); "
+            "start the missing node again with the same --rdzv-endpoint, or lower the minimum of "
+            "--nnodes; the run continues from its newest checkpoint (--resume auto)"
+        ) from None
     except SignalException as e:  # the agent forwarded it; the ranks stop at a step boundary first
         log.warning("stopped on %s: the workers were asked to stop (train checkpoints first)", e.sigval.name)
         return 128 + int(e.sigval)
@@ -218,3 +248,8 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
         code = getattr(failure, "exitcode", 1)
         return code if isinstance(code, int) and code > 0 else 1
     return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

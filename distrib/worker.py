@@ -130,11 +130,10 @@ def script_run_dir(ctx: DistContext, cfg: Config, command: str) -> Path:
 def after_restart(ctx: DistContext, cfg: Config, command: str) -> Config:
     """A worker the elastic agent restarted continues the run: ``train`` resumes from the newest
     valid checkpoint of the same run directory (the launcher fixed its name before spawning)."""
-    if ctx.restart == 0 or command != "train" or cfg.checkpoint.resume:
+    if (ctx.restart == 0 and ctx.rdzv_round == 0) or command != "train" or cfg.checkpoint.resume:
         return cfg
-    log.warning(
-        "restart %d: resuming from the newest valid checkpoint (checkpoint.resume = auto)", ctx.restart
-    )
+    why = f"restart {ctx.restart}" if ctx.restart else f"rendezvous round {ctx.rdzv_round}"
+    log.warning("%s: resuming from the newest valid checkpoint (checkpoint.resume = auto)", why)
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
 
 

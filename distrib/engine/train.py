@@ -176,9 +176,12 @@ def raise_stopped(run: Run) -> None:
     p = run.prog
     where = f"epoch {p.epoch + 1} step {p.global_step}"
     folder = run.ckpts.folder if run.ckpts else "nowhere (no checkpoints)"
+    name = run.stop.name
+    if not run.stop.received and run.stop.signum == signals.AGENT_GONE:  # agreed on another rank's news
+        name = "SIGHUP (another rank's launcher is gone: a node left the job)"
     raise Stopped(
         run.stop,
-        f"stopped on {run.stop.name} at {where}; checkpoint written to {folder}; continue with --resume auto",
+        f"stopped on {name} at {where}; checkpoint written to {folder}; continue with --resume auto",
     )
 
 

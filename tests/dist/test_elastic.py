@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
-from conftest import LAUNCH, REPO, clean_env, launch, tiny, weights
-from test_faults import start, stop_and_check
+from conftest import LAUNCH, REPO, clean_env, free_port, launch, tiny, weights
+from test_faults import descendants, start, steps_logged, stop_and_check
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 # 84 training images, global batch 8 (4 per rank on 2 ranks): 10 steps per epoch, 4 images left out
@@ -30,21 +35,19 @@ def two_ranks(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "ref"
 
 
-def same_training(ref: Path, run: Path) -> None:
+def same_training(ref: Path, run: Path, epochs: int = 3) -> None:
     """Weights within TOL; metrics.csv's rows alike (figures to 1e-6); every epoch's ledger exact."""
     a, b = weights(ref), weights(run)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], **TOL) for k in a)
     rows = [list(csv.DictReader((d / "metrics.csv").open())) for d in (ref, run)]
-    assert len(rows[0]) == len(rows[1]) == 6
+    assert len(rows[0]) == len(rows[1]) == 2 * epochs
     for x, y in zip(*rows, strict=True):
         assert (x["epoch"], x["split"], x["images"]) == (y["epoch"], y["split"], y["images"])
         for key in ("loss", "acc", "lr"):
             assert float(x[key]) == pytest.approx(float(y[key]), rel=1e-6), (key, x, y)
     ledger = json.loads((run / "summary.json").read_text())["sample_ledger"]
     assert [(e["epoch"], e["samples"], e["left_out"], e["exact"]) for e in ledger] == [
-        (0, 80, 4, True),
-        (1, 80, 4, True),
-        (2, 80, 4, True),
+        (e, 80, 4, True) for e in range(epochs)
     ]
 
 
@@ -109,3 +112,84 @@ def test_a_resume_that_replays_a_step_fails_the_sample_ledger(demo: Path, tmp_pa
         "sample ledger of epoch 2: 8 sample(s) trained more often and 0 less often than the epoch's order "
         "holds them (of 80 consumed" in res.stderr
     ), res.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- nodes leaving and joining
+
+
+def node(args: list[str], log: Path) -> subprocess.Popen:
+    """One node of a multi-node job on this machine: our launcher (the elastic agent), a fresh session."""
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=clean_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def wait_for(what: str, test: Callable[[], bool], timeout: float = 120) -> float:
+    deadline = time.monotonic() + timeout
+    while not test():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+def after(log: Path, first: str, then: str) -> bool:
+    """Does ``log`` hold a line with ``then`` after its last line with ``first``?"""
+    lines = log.read_text().splitlines()
+    starts = [i for i, x in enumerate(lines) if first in x]
+    return bool(starts) and any(then in x for x in lines[starts[-1] + 1 :])
+
+
+def test_a_node_that_leaves_and_comes_back_shrinks_and_grows_the_job_which_trains_on_exactly(
+    demo: Path, tmp_path: Path
+) -> None:
+    """--nnodes 1:2, two agents on one endpoint: SIGKILL one agent mid-epoch, the other continues
+    alone from the step its ranks stopped at; start the node again and the job grows back to 2.
+    The weights end where an uninterrupted 2-rank run's do; every epoch's ledger is exact."""
+    # 200 steps at lr 0.01: per-step losses agree to 1e-7 (at lr 0.05, or after 250 steps, the summation
+    # order of 1 and 2 ranks is amplified to weights far apart, stopped or not)
+    long = (*SETS, "train.epochs=20", "optim.lr=0.01")
+    sets = tiny(demo, tmp_path, "m", *long, "checkpoint.every_steps=5")
+    ref = launch("train", "--nproc-per-node", "2", *tiny(demo, tmp_path, "ref", *long),
+                 timeout=200)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    rdzv = ["--nnodes", "1:2", "--nproc-per-node", "1", "--max-restarts", "2",
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "leave-join"]  # fmt: skip
+    a = node(["train", *rdzv, *sets], tmp_path / "a.log")
+    time.sleep(0.5)  # the first agent hosts the endpoint's store: the node that leaves is the other one
+    b = node(["train", *rdzv, *sets], tmp_path / "b.log")
+    procs = [a, b]
+    try:
+        wait_for("20 steps on 2 ranks", lambda: steps_logged(tmp_path / "m") >= 20)
+        tree = [psutil.Process(p.pid) for p in (a, b)] + descendants(a) + descendants(b)
+        killed = time.monotonic()
+        b.kill()
+        alone = wait_for(
+            "a step on 1 rank", lambda: after(tmp_path / "a.log", "(none) on 84 image", " step ")
+        )
+        b2 = node(["train", *rdzv, *sets], tmp_path / "b2.log")
+        procs.append(b2)
+        wait_for(
+            "the job to grow back",
+            lambda: "world size 1 -> 2 (nodes 1 -> 2)" in (tmp_path / "a.log").read_text(),
+        )
+        tree += [psutil.Process(b2.pid), *descendants(b2)]
+        assert a.wait(200) == 0 and b2.wait(60) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    left = psutil.wait_procs(tree, timeout=10)[1]
+    assert left == [], left
+    out = (tmp_path / "a.log").read_text()
+    assert "stopped on SIGHUP (another rank's launcher is gone: a node left the job) at epoch" in out
+    assert (
+        "round 1: world size 2 -> 1 (nodes 2 -> 1)" in out
+        and "world size 2 -> 1 (1 node(s) left): resuming" in out
+    )
+    assert "Traceback" not in out, out[-3000:]
+    same_training(tmp_path / "ref", tmp_path / "m", epochs=20)
+    losses = [{r["step"]: float(r["loss"]) for r in csv.DictReader((d / "steps.csv").open())}
+              for d in (tmp_path / "ref", tmp_path / "m")]  # fmt: skip
+    assert losses[0].keys() == losses[1].keys() and len(losses[0]) == 200
+    assert all(losses[1][k] == pytest.approx(v, rel=1e-6) for k, v in losses[0].items())
+    print(f"world size 2 -> 1: {alone - killed:.1f} s from the kill to the first step on 1 rank")
