@@ -22,7 +22,7 @@ from pathlib import Path
 from distrib.errors import LEAK_EXIT, LaunchError, user_error_names
 
 log = logging.getLogger(__name__)
-# An elastic job (--nnodes MIN:MAX): once MIN nodes are in, a round waits 2 s (not 30) for more;
+# A multi-node job: once MIN nodes are in, a round waits 2 s (not 30) for more (--nnodes MIN:MAX);
 # a node whose agent stopped answering is dropped after 4 missed 1 s heartbeats (not 3 of 5 s):
 # until then the survivors cannot form the next round.
 ELASTIC_RDZV = {"last_call_timeout": 2, "keep_alive_interval": 1, "keep_alive_max_attempt": 4}
@@ -92,7 +92,7 @@ def torchrun_argv(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> l
     if plan.rdzv_endpoint:
         argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", plan.rdzv_endpoint]
         argv += ["--rdzv-id", plan.rdzv_id]
-        if ":" in plan.nnodes:  # elastic: see ELASTIC_RDZV
+        if max_nodes(plan.nnodes) > 1:  # see ELASTIC_RDZV
             argv += ["--rdzv-conf", ",".join(f"{k}={v}" for k, v in ELASTIC_RDZV.items())]
     elif plan.master_port is not None:
         argv += ["--rdzv-backend", "static", "--node-rank", str(plan.node_rank)]
