@@ -211,7 +211,7 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousError
 
     from distrib.membership import install
 
@@ -229,6 +229,13 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
                 f"the job's rendezvous at {plan.rdzv_endpoint or 'its endpoint'} did not complete "
                 f"({_first_line(e)}): check that --nnodes {plan.nnodes} node(s) started with the same "
                 "--rdzv-endpoint and --rdzv-id, and that the endpoint is reachable"
+            ) from None
+        if isinstance(e, RendezvousConnectionError):
+            raise LaunchError(
+                f"the rendezvous store at {plan.rdzv_endpoint} stopped answering ({_first_line(e)}): the "
+                "node that hosts it (the first agent started with that --rdzv-endpoint) left, and no "
+                "round can form without it; start the job again on the nodes there are (the run "
+                "continues from its newest checkpoint with --resume auto)"
             ) from None
         raise LaunchError(
             f"a node left the job (it ran on {member.nodes} node(s), world size {member.world}) and no "
