@@ -4,33 +4,20 @@ step before the checkpoint is trained twice, the bug the sample ledger exists to
 Put this folder first on PYTHONPATH (the launcher passes it on to the ranks).
 """
 
-import importlib.abc
-import importlib.util
+import os
 import sys
 
-
-class _Replay(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):  # noqa: ANN001, ANN201 - importlib's protocol
-        if name != "datasets.samplers":
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        load = spec.loader.exec_module
-
-        def exec_module(module):  # noqa: ANN001, ANN202
-            load(module)
-            right = module.GlobalOrder.start_at
-
-            def replaying(self, samples):  # noqa: ANN001, ANN202
-                right(self, max(0, samples - self.global_batch))
-
-            module.GlobalOrder.start_at = replaying
-
-        spec.loader.exec_module = exec_module
-        return spec
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for patching.py
+from patching import patch_on_import  # noqa: E402
 
 
-sys.meta_path.insert(0, _Replay())
+def _replay(module):  # noqa: ANN001, ANN202
+    right = module.GlobalOrder.start_at
+
+    def replaying(self, samples):  # noqa: ANN001, ANN202
+        right(self, max(0, samples - self.global_batch))
+
+    module.GlobalOrder.start_at = replaying
+
+
+patch_on_import("datasets.samplers", _replay)

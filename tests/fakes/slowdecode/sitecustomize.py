@@ -4,37 +4,24 @@ Put this folder first on PYTHONPATH; it lets a test kill ``launch.py cache`` in 
 filling the decoded cache, whatever the machine's speed.
 """
 
-import importlib.abc
-import importlib.util
+import os
 import sys
 import time
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for patching.py
+from patching import patch_on_import  # noqa: E402
 
 DELAY_S = 0.05
 
 
-class _SlowDecode(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):  # noqa: ANN001, ANN201 - importlib's protocol
-        if name != "datasets.transforms":
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        load = spec.loader.exec_module
+def _slow(module):  # noqa: ANN001, ANN202
+    decode = module.decode_uint8
 
-        def exec_module(module):  # noqa: ANN001, ANN202
-            load(module)
-            decode = module.decode_uint8
+    def slow(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(DELAY_S)
+        return decode(*args, **kwargs)
 
-            def slow(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                time.sleep(DELAY_S)
-                return decode(*args, **kwargs)
-
-            module.decode_uint8 = slow
-
-        spec.loader.exec_module = exec_module
-        return spec
+    module.decode_uint8 = slow
 
 
-sys.meta_path.insert(0, _SlowDecode())
+patch_on_import("datasets.transforms", _slow)
