@@ -84,7 +84,7 @@ def plan_batches(cfg: Config, ctx: DistContext, saved: int | None = None, source
         fix = (
             "resume on one of those world sizes"
             if saved
-            else "set train.global_batch to a multiple of the world size, or change data.batch_size"
+            else f"set train.global_batch to a multiple of {world}"
         )
         raise LaunchError(
             f"{origin} {g} cannot be split over {world} ranks ({g} is not a multiple of {world}); "

@@ -149,13 +149,18 @@ def assemble(ctx: DistContext, cfg: Config, feed: Feed) -> Engine:
 def check_batch_fits(ctx: DistContext, cfg: Config, total: int) -> None:
     """An epoch is (N // G) optimizer steps of the global batch G: at least one must fit."""
     g = cfg.data.batch_size * ctx.world_size * cfg.train.accum_steps
-    if total < g:
-        raise LaunchError(
-            f"the global batch of {g} images (data.batch_size {cfg.data.batch_size} x "
-            f"{ctx.world_size} rank(s) x train.accum_steps {cfg.train.accum_steps}) is larger than "
-            f"the {total} training images: an epoch would train nothing; lower data.batch_size or "
-            "train.global_batch, or use fewer processes"
-        )
+    if total >= g:
+        return
+    origin = (
+        f"train.global_batch = {g}"
+        if cfg.train.global_batch
+        else f"data.batch_size {cfg.data.batch_size} x {ctx.world_size} rank(s) x train.accum_steps "
+        f"{cfg.train.accum_steps}"
+    )
+    raise LaunchError(
+        f"the global batch of {g} images ({origin}) is larger than the {total} training images: an "
+        "epoch would train nothing; lower data.batch_size or train.global_batch, or use fewer processes"
+    )
 
 
 # --------------------------------------------------------------------------- the step

@@ -156,6 +156,11 @@ def test_messages_for_oom_and_batch_size() -> None:
                        r"train.accum_steps 1\) is larger than the 80 training images"):  # fmt: skip
         check_batch_fits(DistContext(rank=0, world_size=2, local_world_size=2), cfg, 80)
     check_batch_fits(DistContext(rank=0, world_size=2, local_world_size=2), cfg, 128)  # one step fits
+    asked = load_config(None, ["data.batch_size=64", "train.global_batch=256", "train.accum_steps=4"])
+    with pytest.raises(
+        LaunchError, match=r"global batch of 256 images \(train.global_batch = 256\) is larger"
+    ):
+        check_batch_fits(DistContext(), asked, 80)
 
 
 def test_paired_ratio_recovers_a_known_overhead_through_noise() -> None:
