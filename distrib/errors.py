@@ -12,6 +12,12 @@ from pathlib import Path
 LEAK_EXIT = 3  # a worker's exit status when the memory detector found a leak (memcheck, on_leak = fail)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (torch's errors run on for paragraphs), or its type's name."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 class LaunchError(RuntimeError):
     """Bad input or environment, reported as a one-paragraph message."""
 

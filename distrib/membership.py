@@ -42,7 +42,7 @@ class Membership:
     world: int = 0
     nodes: int = 0
 
-    def started(self, agent: Any, worker_group: Any) -> None:
+    def started(self, worker_group: Any) -> None:
         """Called before the agent starts a round's workers: export the round, note changes."""
         handler = worker_group.spec.rdzv_handler
         number = rendezvous_round(handler)
@@ -94,7 +94,7 @@ def install(rejoin_s: float) -> Membership:
     original = getattr(LocalElasticAgent._start_workers, "__wrapped__", LocalElasticAgent._start_workers)
 
     def start_workers(self: Any, worker_group: Any) -> Any:
-        member.started(self, worker_group)
+        member.started(worker_group)
         return original(self, worker_group)
 
     start_workers.__wrapped__ = original  # type: ignore[attr-defined]

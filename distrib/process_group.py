@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from distrib.context import DistContext
-from distrib.errors import LaunchError
+from distrib.errors import LaunchError, first_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,17 +83,12 @@ def init_process_group(ctx: DistContext, timeout_s: float) -> bool:
         raise LaunchError(
             f"rank {ctx.rank} of {ctx.world_size} could not form the {ctx.backend} process group "
             f"at {ctx.master_addr}:{ctx.master_port} within dist.timeout_s={timeout_s:g}s: "
-            f"{_first_line(e)}. Check that all {ctx.world_size} ranks started{hint}, that "
+            f"{first_line(e)}. Check that all {ctx.world_size} ranks started{hint}, that "
             f"{ctx.master_addr} is reachable from this host and the port is open, or raise "
             "--set dist.timeout_s."
         ) from e
     log.debug("process group up: %s rank %d/%d", ctx.backend, ctx.rank, ctx.world_size)
     return True
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def rendezvous_store() -> Any:

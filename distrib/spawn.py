@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from distrib.errors import LEAK_EXIT, LaunchError, user_error_names
+from distrib.errors import LEAK_EXIT, LaunchError, first_line, user_error_names
 
 log = logging.getLogger(__name__)
 # A multi-node job: once MIN nodes are in, a round waits 2 s (not 30) for more (--nnodes MIN:MAX);
@@ -227,19 +227,19 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
         if not member.rounds:
             raise LaunchError(
                 f"the job's rendezvous at {plan.rdzv_endpoint or 'its endpoint'} did not complete "
-                f"({_first_line(e)}): check that --nnodes {plan.nnodes} node(s) started with the same "
+                f"({first_line(e)}): check that --nnodes {plan.nnodes} node(s) started with the same "
                 "--rdzv-endpoint and --rdzv-id, and that the endpoint is reachable"
             ) from None
         if isinstance(e, RendezvousConnectionError):
             raise LaunchError(
-                f"the rendezvous store at {plan.rdzv_endpoint} stopped answering ({_first_line(e)}): the "
+                f"the rendezvous store at {plan.rdzv_endpoint} stopped answering ({first_line(e)}): the "
                 "node that hosts it (the first agent started with that --rdzv-endpoint) left, and no "
                 "round can form without it; start the job again on the nodes there are (the run "
                 "continues from its newest checkpoint with --resume auto)"
             ) from None
         raise LaunchError(
             f"a node left the job (it ran on {member.nodes} node(s), world size {member.world}) and no "
-            f"new round of --nnodes {plan.nnodes} formed within {plan.rejoin_s:g} s ({_first_line(e)}); "
+            f"new round of --nnodes {plan.nnodes} formed within {plan.rejoin_s:g} s ({first_line(e)}); "
             "start the missing node again with the same --rdzv-endpoint, or lower the minimum of "
             "--nnodes; the run continues from its newest checkpoint (--resume auto)"
         ) from None
@@ -255,8 +255,3 @@ def spawn(plan: SpawnPlan, script: str, script_args: Sequence[str]) -> int:
         code = getattr(failure, "exitcode", 1)
         return code if isinstance(code, int) and code > 0 else 1
     return 0
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
