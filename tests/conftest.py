@@ -127,7 +127,7 @@ class ForkedProc:
     """The parts of subprocess.Popen the tests use, for a launch.py run forked by the fork server:
     stdout and stderr together through a FIFO (as stderr=STDOUT), the exit code from the server."""
 
-    def __init__(self, server: str, args: list[str], env: dict[str, str]):
+    def __init__(self, server: str, args: list[str], env: dict[str, str], fork_ranks: bool = True):
         import tempfile
         import threading
 
@@ -140,6 +140,7 @@ class ForkedProc:
         self._sock.connect(server)
         self._stream = self._sock.makefile("rw")
         request = {"args": args, "env": env, "cwd": str(REPO), "out": fifo, "err": fifo}
+        request["fork_ranks"] = fork_ranks
         self._stream.write(json.dumps(request) + "\n")
         self._stream.flush()
         self.pid = int(self._stream.readline())
@@ -181,14 +182,18 @@ class ForkedProc:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def start_launch(args: list[str], env: dict[str, str]) -> subprocess.Popen | ForkedProc:
+def start_launch(
+    args: list[str], env: dict[str, str], fork_ranks: bool = True
+) -> subprocess.Popen | ForkedProc:
     """``python launch.py *args`` running in the background, its output in ``.stdout`` (stderr
-    joined): forked by the fork server unless ``env`` patches imports (PYTHONPATH)."""
+    joined): forked by the fork server unless ``env`` patches imports (PYTHONPATH). Without
+    ``fork_ranks`` its ranks are fresh interpreters, children of the launcher (tests that find
+    ranks in the launcher's process tree)."""
     server = None if "PYTHONPATH" in env else zygote()
     if server is None:
         return subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    return ForkedProc(server, args, env)
+    return ForkedProc(server, args, env, fork_ranks)
 
 
 _ZYGOTE: dict[str, object] = {}

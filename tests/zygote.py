@@ -31,7 +31,7 @@ def preload() -> None:
     """Everything a launch.py run imports before its first real work."""
     sys.path.insert(0, str(REPO))
     import matplotlib
-    import torch  # noqa: F401
+    import torch
     import torch.distributed.run  # noqa: F401
     import torchvision  # noqa: F401
 
@@ -44,13 +44,13 @@ def preload() -> None:
     import distrib.worker  # noqa: F401
     import launch  # noqa: F401
 
+    _DEFAULT_THREADS.append(torch.get_num_threads())  # before any OMP_NUM_THREADS of a run
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401 - memory.png and preview.png of every run
 
 
-def child(request: dict) -> None:
+def child(request: dict, forker: socket.socket | None) -> None:
     """Run one launch.py command line in this forked process; never returns."""
-    code = 1
     try:
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
@@ -62,12 +62,25 @@ def child(request: dict) -> None:
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
+        if forker is not None:
+            RankForker.install(forker)
+    except BaseException:  # noqa: BLE001 - reported as the script would report it
+        traceback.print_exc()
+        os._exit(1)
+    run_launch(request["args"])
+
+
+def run_launch(args: list[str]) -> None:
+    """``launch.main(args)`` as ``python -u launch.py *args`` runs it; never returns."""
+    code = 1
+    try:
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - for the whole process
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.argv = [str(REPO / "launch.py"), *request["args"]]
+        sys.argv = [str(REPO / "launch.py"), *args]
+        threads_from_env()
         import launch
 
-        code = launch.main(request["args"])
+        code = launch.main(args)
         if launch._RAN_USER_CODE:  # as launch.entry: a user's script gets its atexit handlers
             import atexit
 
@@ -83,6 +96,199 @@ def child(request: dict) -> None:
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(code)
+
+
+def threads_from_env() -> None:
+    """What ``import torch`` reads from the environment in a fresh interpreter: OMP_NUM_THREADS
+    (torchrun sets 1 for every rank) sizes the intra-op pool. Forked, torch was imported before
+    that variable was set: without this a rank would use every core, and sum in another order."""
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else default_threads())
+
+
+def default_threads() -> int:
+    return _DEFAULT_THREADS[0]
+
+
+_DEFAULT_THREADS: list[int] = []
+
+
+class RankForker:
+    """Ranks that torch's elastic agent (in a forked launcher) starts as ``python -u launch.py ...``
+    are forked from a pristine copy of the launcher instead: torch imported, nothing run.
+
+    Why: about 4 s of CPU per rank for ``import torch`` is most of what the suite's multi-rank
+    runs cost on two cores. What stays real: torch's agent and its ``SubprocessHandler`` (only
+    ``Popen`` is replaced, by :class:`ForkedRank` with the same pid, poll, wait and signals), the
+    rank's own session (``start_new_session``), its environment, argv, stdout/stderr and exit
+    code, and the process tree below the launcher: the rank is the child of a helper that dies
+    with the launcher, so the rank's parent-death signal fires when the launcher goes, as it does
+    when the launcher is the rank's parent. The helper is forked before ``launch.main`` runs, so
+    no state of the launcher (logging, signal handlers, caches) reaches a rank. A launcher run in
+    a fresh interpreter, a PYTHONPATH (the fakes) or ``TEST_FRESH_INTERPRETERS=1`` keeps fresh
+    rank interpreters.
+    """
+
+    def __init__(self, sock: socket.socket):
+        import threading
+
+        self.sock = sock
+        self.codes: dict[int, int] = {}
+        self.ended = threading.Condition()
+        self.started: list[int] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True, name="rank-forker").start()
+
+    @classmethod
+    def install(cls, sock: socket.socket) -> None:
+        """Route the agent's rank starts to the helper at the other end of ``sock``."""
+        forker = cls(sock)
+        from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+        original = subprocess_handler.SubprocessHandler._popen
+
+        def _popen(handler, args: tuple, env: dict[str, str]):  # noqa: ANN202 - Popen or ForkedRank
+            if not forker.can_fork(args, env):
+                return original(handler, args, env)
+            out = handler._stdout.fileno() if handler._stdout else 1
+            err = handler._stderr.fileno() if handler._stderr else 2
+            return forker.start(list(args), env, out, err)
+
+        subprocess_handler.SubprocessHandler._popen = _popen
+
+    @staticmethod
+    def can_fork(args: tuple, env: dict[str, str]) -> bool:
+        return (
+            len(args) >= 3
+            and args[0] == sys.executable
+            and args[1] == "-u"
+            and os.path.realpath(args[2]) == str(REPO / "launch.py")
+            and "PYTHONPATH" not in env
+        )
+
+    def start(self, args: list[str], env: dict[str, str], out: int, err: int) -> ForkedRank:
+        request = json.dumps({"args": args[3:], "env": env, "cwd": os.getcwd()}).encode()
+        with self.lock:
+            socket.send_fds(self.sock, [request], [out, err])
+            with self.ended:
+                while not self.started:
+                    if not self.ended.wait(30):
+                        raise OSError("the rank forker did not answer within 30 s")
+                pid = self.started.pop(0)
+        return ForkedRank(self, pid, args)
+
+    def _read(self) -> None:
+        while True:
+            msg = self.sock.recv(4096)
+            if not msg:
+                return
+            kind, pid, code = msg.decode().split()
+            with self.ended:
+                if kind == "pid":
+                    self.started.append(int(pid))
+                else:
+                    self.codes[int(pid)] = int(code)
+                self.ended.notify_all()
+
+
+class ForkedRank:
+    """The parts of ``subprocess.Popen`` torch's agent uses, for a rank the helper forked."""
+
+    def __init__(self, forker: RankForker, pid: int, args: list[str]):
+        self.forker, self.pid, self.args = forker, pid, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        with self.forker.ended:
+            self.returncode = self.forker.codes.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.forker.ended:
+            while self.pid not in self.forker.codes:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0)
+                self.forker.ended.wait(left)
+            self.returncode = self.forker.codes[self.pid]
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def helper_loop(sock: socket.socket) -> None:
+    """The rank forker's helper: fork a rank per request, report its pid and exit code; never returns."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: the fork server gone, so is this
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # OSError: the launcher is gone
+        serve_ranks(sock)
+    os._exit(0)
+
+
+def serve_ranks(sock: socket.socket) -> None:
+    """Until the launcher's end of ``sock`` closes: fork the ranks it asks for, report their ends."""
+    import select
+
+    while True:
+        ready, _, _ = select.select([sock], [], [], 0.02)
+        if ready:
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 2)
+            if not msg:
+                return
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                rank(json.loads(msg), fds)
+            for fd in fds:
+                os.close(fd)
+            sock.send(f"pid {pid} 0".encode())
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            sock.send(f"exit {pid} {os.waitstatus_to_exitcode(status)}".encode())
+
+
+def rank(request: dict, fds: list[int]) -> None:
+    """One rank, as ``Popen([python, -u, launch.py, ...], start_new_session=True)`` starts it."""
+    try:
+        os.setsid()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter sets them
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for fd, target in zip((1, 2), fds, strict=True):
+            os.dup2(target, fd)
+            os.close(target)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        os._exit(1)
+    run_launch(request["args"])
 
 
 def serve(path: str) -> None:
@@ -104,13 +310,24 @@ def serve(path: str) -> None:
             request = json.loads(line)
             if request.get("quit"):
                 return
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            helper = os.fork() if request.get("fork_ranks", True) else -1
+            if helper == 0:
+                server.close()
+                conn.close()
+                ours.close()
+                helper_loop(theirs)
+            theirs.close()
             pid = os.fork()
             if pid == 0:
                 server.close()
-                child(request)
+                child(request, ours if helper > 0 else None)
+            ours.close()  # the helper ends when the launcher's end closes: it exited
             stream.write(f"{pid}\n")
             stream.flush()
             _, status = os.waitpid(pid, 0)
+            if helper > 0:
+                os.waitpid(helper, 0)
             stream.write(f"{os.waitstatus_to_exitcode(status)}\n")
             stream.flush()
 

@@ -57,9 +57,10 @@ def ranks_of(proc: subprocess.Popen, loader_workers: bool = False) -> dict[str, 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen | ForkedProc:
     """``cmd`` in the background (its own session, stderr joined to stdout); a launch.py command
-    line is forked by the tests' fork server when nothing patches its imports."""
+    line is forked by the tests' fork server when nothing patches its imports; its ranks are fresh
+    interpreters, the launcher's children (these tests find them in its process tree)."""
     if cmd[:2] == [sys.executable, LAUNCH]:
-        return start_launch(cmd[2:], clean_env(**env))
+        return start_launch(cmd[2:], clean_env(**env), fork_ranks=False)
     out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     return subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), start_new_session=True, **out)
 
