@@ -114,10 +114,11 @@ def run_many(jobs: Sequence[tuple[Sequence[str], dict[str, str]]], timeout: floa
 
 def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 90, fresh: bool = False):
     """``python launch.py *args``: forked from the test fork server (tests/zygote.py: torch is already
-    imported there), or a fresh interpreter when ``fresh``, when ``env`` sets PYTHONPATH (the fakes
-    patch imports at start-up) or when TEST_FRESH_INTERPRETERS=1. Same session, files, exit code."""
+    imported there; its ranks are forked too), or a fresh interpreter when ``fresh``, when ``env``'s
+    PYTHONPATH needs one (fakes that patch imports at start-up or shadow a loaded module) or when
+    TEST_FRESH_INTERPRETERS=1. Same session, files, exit code."""
     env = env or clean_env()
-    server = None if fresh or "PYTHONPATH" in env else zygote()
+    server = None if fresh else forking_zygote(env)
     if server is None:
         return run([sys.executable, LAUNCH, *args], env=env, timeout=timeout)
     return forked(server, list(args), env, timeout)
@@ -186,10 +187,10 @@ def start_launch(
     args: list[str], env: dict[str, str], fork_ranks: bool = True
 ) -> subprocess.Popen | ForkedProc:
     """``python launch.py *args`` running in the background, its output in ``.stdout`` (stderr
-    joined): forked by the fork server unless ``env`` patches imports (PYTHONPATH). Without
+    joined): forked by the fork server unless ``env``'s PYTHONPATH needs a fresh interpreter. Without
     ``fork_ranks`` its ranks are fresh interpreters, children of the launcher (tests that find
     ranks in the launcher's process tree)."""
-    server = None if "PYTHONPATH" in env else zygote()
+    server = forking_zygote(env)
     if server is None:
         return subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -197,6 +198,18 @@ def start_launch(
 
 
 _ZYGOTE: dict[str, object] = {}
+
+
+def forking_zygote(env: dict[str, str]) -> str | None:
+    """The fork server, unless ``env``'s PYTHONPATH needs a fresh interpreter (a fake that patches
+    imports at start-up or shadows a module the server imported: tests/zygote.py)."""
+    from zygote import importable_as_forked
+
+    server = zygote()
+    loaded: set[str] = _ZYGOTE.get("modules", set())  # type: ignore[assignment]
+    if server is None or not importable_as_forked(env.get("PYTHONPATH", ""), loaded):
+        return None
+    return server
 
 
 def zygote() -> str | None:
@@ -216,7 +229,7 @@ def zygote() -> str | None:
             proc.kill()
             return None
         atexit.register(proc.kill)
-        _ZYGOTE.update(path=path, proc=proc)
+        _ZYGOTE.update(path=path, proc=proc, modules=set(json.loads(proc.stdout.readline())))
     return _ZYGOTE["path"]  # type: ignore[return-value]
 
 

@@ -49,6 +49,32 @@ def preload() -> None:
     import matplotlib.pyplot  # noqa: F401 - memory.png and preview.png of every run
 
 
+def importable_as_forked(pythonpath: str, loaded: set[str]) -> bool:
+    """Can a run with this PYTHONPATH be forked rather than started fresh?
+
+    Yes when nothing on it acts at start-up (no sitecustomize/usercustomize) and none of its
+    modules is one the fork server imported already (it would shadow nothing): then putting its
+    folders on ``sys.path`` is all the variable would have done (the leaky and stuck models). The
+    fakes that patch imports at start-up, or shadow a module (pynvml), need a fresh interpreter.
+    """
+    for folder in filter(None, pythonpath.split(os.pathsep)):
+        path = Path(folder)
+        names = {p.name.removesuffix(".py") for p in path.iterdir()} if path.is_dir() else set()
+        if names & {"sitecustomize", "usercustomize"} or names & loaded:
+            return False
+    return True
+
+
+def apply_pythonpath() -> None:
+    """What the interpreter does with PYTHONPATH at start-up: its folders after the script's."""
+    folders = [f for f in os.environ.get("PYTHONPATH", "").split(os.pathsep) if f]
+    sys.path[1:1] = [f for f in folders if f not in sys.path]
+
+
+def top_level_modules() -> set[str]:
+    return {name.partition(".")[0] for name in sys.modules}
+
+
 def child(request: dict, forker: socket.socket | None) -> None:
     """Run one launch.py command line in this forked process; never returns."""
     try:
@@ -62,6 +88,7 @@ def child(request: dict, forker: socket.socket | None) -> None:
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
+        apply_pythonpath()
         if forker is not None:
             RankForker.install(forker)
     except BaseException:  # noqa: BLE001 - reported as the script would report it
@@ -165,7 +192,7 @@ class RankForker:
             and args[0] == sys.executable
             and args[1] == "-u"
             and os.path.realpath(args[2]) == str(REPO / "launch.py")
-            and "PYTHONPATH" not in env
+            and importable_as_forked(env.get("PYTHONPATH", ""), top_level_modules())
         )
 
     def start(self, args: list[str], env: dict[str, str], out: int, err: int) -> ForkedRank:
@@ -285,6 +312,7 @@ def rank(request: dict, fds: list[int]) -> None:
         for fd, target in zip((1, 2), fds, strict=True):
             os.dup2(target, fd)
             os.close(target)
+        apply_pythonpath()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         os._exit(1)
@@ -299,7 +327,7 @@ def serve(path: str) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(1)
-    sys.stdout.write("ready\n")
+    sys.stdout.write("ready\n" + json.dumps(sorted(top_level_modules())) + "\n")
     sys.stdout.flush()
     while True:
         conn, _ = server.accept()

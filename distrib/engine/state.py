@@ -21,6 +21,7 @@ from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
 from distrib.engine.step import Engine
+from distrib.engine.stopvote import StopVote
 from distrib.errors import CheckpointWriteError, EchoedError, LaunchError
 from distrib.hang import Watch
 from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
@@ -94,6 +95,10 @@ class Run:
     stop: StopRequest | None = None  # SIGTERM/SIGINT seen: stop at the next step boundary
     watch: Watch = field(default_factory=Watch)  # the step and operation in progress (hang diagnosis)
     ledger: Ledger | None = None  # the sample ledger of the epoch in progress (train; not benchmarks)
+    vote: StopVote = field(init=False)  # the stop flags of every rank, agreed a step later
+
+    def __post_init__(self) -> None:
+        self.vote = StopVote(self.ctx, self.stop)
 
     @property
     def classes(self) -> tuple[str, ...]:

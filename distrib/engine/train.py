@@ -51,7 +51,7 @@ from distrib.errors import LaunchError, LeakError
 from distrib.memory.monitor import Monitor, Where
 from distrib.memory.preflight import cuda_index, preflight_gpu
 from distrib.memory.report import combine, verdict_table
-from distrib.process_group import all_reduce_max, all_reduce_sum, gather_objects, rendezvous_store
+from distrib.process_group import all_reduce_sum, gather_objects, rendezvous_store
 from distrib.seeding import STEPS, derive_seed, seed_process
 from distrib.signals import Stopped
 
@@ -129,8 +129,8 @@ def train_epoch(run: Run) -> bool:
         run.watch.at("the step's hooks (logging, memory monitor)")
         for hook in run.hooks:
             hook.after_step(run)
-        run.watch.at("the stop-flag all-reduce")
-        stopping = stop_agreed(run)
+        run.watch.at("the stop vote (an all-reduce started a step earlier)")
+        stopping = run.vote.at_step()
         if stopping or _save_due(run):
             prog.epoch_sums = sums.as_list()
             prog.epoch_seconds += time.perf_counter() - start
@@ -156,19 +156,6 @@ def _save_due(run: Run) -> bool:
     return (
         bool(every) and run.prog.global_step % every == 0 and run.prog.samples_in_epoch < epoch_samples(run)
     )
-
-
-def stop_agreed(run: Run) -> bool:
-    """Did any rank get SIGTERM/SIGINT? One 1-element all-reduce per step, so all stop at the same step."""
-    if run.stop is None:
-        return False
-    if not run.ctx.distributed:
-        return run.stop.requested
-    flag = torch.tensor([float(run.stop.signum)], device=run.ctx.device)
-    signum = int(all_reduce_max(run.ctx, flag).item())
-    if signum and not run.stop.requested:
-        run.stop.signum = signum  # another rank's signal: exit as it does
-    return bool(signum)
 
 
 def raise_stopped(run: Run) -> None:
@@ -310,9 +297,11 @@ def guarded_epochs(run: Run, watchdog: hang.Watchdog | None) -> None:
     """run_epochs, with a collective that timed out turned into the hang diagnosis."""
     stop = run.stop
     try:
-        if stop is not None and stop_agreed(run):  # asked to stop while setting up: nothing to save
+        if stop is not None and run.vote.now():  # asked to stop while setting up: nothing to save
             raise Stopped(stop, f"stopped on {stop.name} before the first step; nothing was trained")
         run_epochs(run)
+        if stop is not None and run.vote.now():  # the vote of the last step: the run ended anyway
+            log.warning("%s arrived at the last step: the run finished; nothing is left to resume", stop.name)
     except RuntimeError as e:
         if isinstance(e, LaunchError) or not run.ctx.distributed or worker_death(e, 0, 0):
             raise  # a dead DataLoader worker is train_job's to report

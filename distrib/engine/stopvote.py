@@ -1,0 +1,67 @@
+"""The stop vote: every rank stops at the same step on a signal, at no blocking cost per step.
+
+Why not a blocking all-reduce of the stop flag per step: on gloo that is a round trip the step
+waits for (2-4% of a 65 ms CPU step in ``bench overhead``). Instead the flags of step s are
+all-reduced asynchronously, started at step s's boundary and read at step s+1's; by then the
+reduction has long finished behind step s+1's forward and backward, so reading it costs nothing.
+Every rank starts and reads the same votes at the same steps, so all still agree on one step:
+the one after the signal arrived (a single process stops at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distrib.context import DistContext
+from distrib.process_group import all_reduce_max
+from distrib.signals import StopRequest
+
+log = logging.getLogger(__name__)
+
+
+class StopVote:
+    """The run's stop flags, one asynchronous all-reduce (MAX of the signal number) per step."""
+
+    def __init__(self, ctx: DistContext, stop: StopRequest | None):
+        self.ctx, self.stop = ctx, stop
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def at_step(self) -> bool:
+        """At a step boundary: did the vote started at the previous boundary say stop? Starts the next."""
+        if self.stop is None:
+            return False
+        if not self.ctx.distributed:
+            return self.stop.requested
+        signum = self._read()
+        if not signum:
+            flag = torch.tensor([float(self.stop.signum)], device=self.ctx.device)
+            self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return self._adopt(signum)
+
+    def now(self) -> bool:
+        """Agree at once (a blocking all-reduce): before the first step, and at the run's end."""
+        if self.stop is None:
+            return False
+        if not self.ctx.distributed:
+            return self.stop.requested
+        signum = self._read()
+        flag = torch.tensor([float(max(signum, self.stop.signum))], device=self.ctx.device)
+        return self._adopt(int(all_reduce_max(self.ctx, flag).item()))
+
+    def _read(self) -> int:
+        if self.pending is None:
+            return 0
+        work, flag = self.pending
+        self.pending = None
+        work.wait()
+        return int(flag.item())
+
+    def _adopt(self, signum: int) -> bool:
+        assert self.stop is not None
+        if signum and not self.stop.requested:
+            self.stop.signum = signum  # another rank's signal: exit as it does
+        return bool(signum)

@@ -1,0 +1,1 @@
+"""Where each rank's step time goes, and which rank holds the others back."""

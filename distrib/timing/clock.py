@@ -1,0 +1,158 @@
+"""One rank's optimizer step split into phases: data wait, compute, communication wait, optimizer, rest.
+
+Why these phases: in a DDP job every rank waits at each gradient all-reduce for the slowest one,
+so a rank's own "compute" and "data" say whether it is slow, while "comm" (time blocked in the
+gradient all-reduce beyond what overlapped with the backward pass) says how long it waited for
+the others. How each is measured, on every optimizer step (micro-batches of an accumulated step
+add up):
+
+- data: the time the training loop waits for its next batch (``next()`` on the loader);
+- comm (DDP, the micro-batch that synchronises): from the moment the last parameter's gradient
+  was accumulated (a post-accumulate-grad hook: the backward computation is done) to the return
+  of ``backward()``, which DDP holds until every bucket's all-reduce finished;
+- compute: forward + backward minus comm; optimizer: ``optimizer_step`` (clip, step, schedule);
+- rest: the step's wall time minus all of the above (metric sums, hooks, the stop vote, saves).
+
+On CUDA the compute phases are read from CUDA events one step later (no synchronisation in the
+step); data and rest stay host clocks. ``cpu`` is the process's CPU seconds per wall second over
+the step: a CPU rank well below its usual figure got less CPU than it wanted (shared cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PHASES = ("data", "compute", "comm", "optimizer", "rest")
+COLUMNS = ("step", "wall", *PHASES, "cpu")
+
+
+@dataclass
+class _Pending:
+    """A CUDA step whose event timings are read once its last event completed."""
+
+    row: dict[str, float]
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]]  # start, last grad, end
+    opt: list[tuple[torch.cuda.Event, torch.cuda.Event]]
+
+
+class StepClock:
+    """Phase times of every optimizer step on this rank; finished rows in :attr:`rows`."""
+
+    def __init__(self, model: nn.Module, comm_hooks: bool, cuda: bool):
+        self.cuda = cuda
+        self.rows: list[dict[str, float]] = []
+        self.acc = dict.fromkeys(PHASES, 0.0)
+        self.last_grad = 0.0
+        self._handles = []
+        self._grad_event: torch.cuda.Event | None = None
+        if comm_hooks:
+            hook = self._cuda_grad if cuda else self._cpu_grad
+            self._handles = [
+                p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad
+            ]
+        self._pending: deque[_Pending] = deque()
+        self._events: list = []
+        self._opt_events: list = []
+        self.restart()
+
+    def restart(self) -> None:
+        """A step starts now (after a pause that is not a step's: validation, a checkpoint)."""
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.acc = dict.fromkeys(PHASES, 0.0)
+        self._events, self._opt_events = [], []
+
+    def _cpu_grad(self, _: torch.Tensor) -> None:
+        self.last_grad = time.perf_counter()
+
+    def _cuda_grad(self, _: torch.Tensor) -> None:
+        if self._grad_event is not None:
+            self._grad_event.record()
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.acc[phase] += seconds
+
+    def begin_forward(self) -> float:
+        """Start of a micro-batch's forward + backward; the token for :meth:`end_backward`."""
+        if self.cuda:
+            start, grad, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            start.record()
+            self._grad_event = grad
+            self._events.append((start, grad, end))
+        self.last_grad = 0.0
+        return time.perf_counter()
+
+    def end_backward(self, started: float, sync: bool) -> None:
+        now = time.perf_counter()
+        if self.cuda:
+            self._events[-1][2].record()
+            self._grad_event = None
+            return
+        comm = max(0.0, now - self.last_grad) if sync and self._handles and self.last_grad else 0.0
+        self.acc["comm"] += comm
+        self.acc["compute"] += now - started - comm
+
+    @contextlib.contextmanager
+    def optimizer(self) -> Iterator[None]:
+        """Around ``optimizer_step`` (on CUDA, between two events as well)."""
+        pair = None
+        if self.cuda:
+            pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            pair[0].record()
+        started = time.perf_counter()
+        yield
+        self.acc["optimizer"] += time.perf_counter() - started
+        if pair is not None:
+            pair[1].record()
+            self._opt_events.append(pair)
+
+    def end_step(self, step: int) -> None:
+        """The optimizer step ``step`` ended (its hooks and the stop vote included)."""
+        now, cpu = time.perf_counter(), time.process_time()
+        wall = now - self.t0
+        row = {"step": float(step), "wall": wall, **self.acc, "cpu": (cpu - self.cpu0) / max(wall, 1e-9)}
+        if self.cuda:
+            self._pending.append(_Pending(row, self._events, self._opt_events))
+            self._read_cuda(block=False)
+        else:
+            row["rest"] = max(0.0, wall - sum(row[p] for p in PHASES if p != "rest"))
+            self.rows.append(row)
+        self.t0, self.cpu0 = now, cpu
+        self.acc = dict.fromkeys(PHASES, 0.0)
+        self._events, self._opt_events = [], []
+
+    def _read_cuda(self, block: bool) -> None:
+        """Rows of CUDA steps whose events completed (all of them when ``block``)."""
+        while self._pending:
+            item = self._pending[0]
+            last = item.opt[-1][1] if item.opt else (item.events[-1][2] if item.events else None)
+            if last is not None and not block and not last.query():
+                return
+            if last is not None:
+                last.synchronize()
+            self._pending.popleft()
+            row = item.row
+            for start, grad, end in item.events:
+                total = start.elapsed_time(end) / 1000
+                comm = grad.elapsed_time(end) / 1000 if self._handles and grad.query() else 0.0
+                row["compute"] += total - comm
+                row["comm"] += comm
+            row["optimizer"] = sum(a.elapsed_time(b) / 1000 for a, b in item.opt) or row["optimizer"]
+            row["rest"] = max(0.0, row["wall"] - sum(row[p] for p in PHASES if p != "rest"))
+            self.rows.append(row)
+
+    def flush(self) -> None:
+        """Every step's row, waiting for CUDA events still in flight (the run's end)."""
+        if self.cuda:
+            self._read_cuda(block=True)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
