@@ -35,6 +35,7 @@ from distrib.schema import (  # noqa: F401 - re-exported: `from distrib.config i
     ParallelSection,
     Range,
     RunSection,
+    TimingSection,
     TrainSection,
     _num,
 )

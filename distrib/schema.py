@@ -360,6 +360,35 @@ class MemorySection:
 
 
 @dataclass(frozen=True)
+class TimingSection:
+    """Where each rank's step time goes (train): timing_rank<N>.csv, stragglers named with a cause."""
+
+    enabled: bool = _f(True, "Time every optimizer step's phases on every rank (data, compute, comm, ...).")
+    window: int = _f(
+        20, "Steps per window: the ranks compare their phase medians once a window.", within="[2, inf)"
+    )
+    ratio: float = _f(
+        1.3,
+        "A rank whose compute or data wait is at least this times the other ranks' median is slow ...",
+        within="(1, inf)",
+    )
+    min_share: float = _f(
+        0.05,
+        "... and only when the excess is at least this share of the step (tiny phases are noise).",
+        within="[0, 1]",
+    )
+    patience: int = _f(
+        3, "Windows in a row a rank must be slow before it is named a straggler.", within="[1, inf)"
+    )
+    on_straggler: str = _f(
+        "warn",
+        "warn (name the rank and the likely cause, once per episode), fail (stop every rank at the same "
+        "step, non-zero exit).",
+        choices=("warn", "fail"),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration: one frozen value passed explicitly."""
 
@@ -373,3 +402,4 @@ class Config:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     memory: MemorySection = field(default_factory=MemorySection)
+    timing: TimingSection = field(default_factory=TimingSection)

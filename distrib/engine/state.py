@@ -26,6 +26,7 @@ from distrib.errors import CheckpointWriteError, EchoedError, LaunchError
 from distrib.hang import Watch
 from distrib.process_group import all_reduce_sum, broadcast_object, gather_objects
 from distrib.signals import StopRequest
+from distrib.timing.clock import StepClock
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Run:
     stop: StopRequest | None = None  # SIGTERM/SIGINT seen: stop at the next step boundary
     watch: Watch = field(default_factory=Watch)  # the step and operation in progress (hang diagnosis)
     ledger: Ledger | None = None  # the sample ledger of the epoch in progress (train; not benchmarks)
+    clock: StepClock | None = None  # the step's phase times (timing.enabled)
     vote: StopVote = field(init=False)  # the stop flags of every rank, agreed a step later
 
     def __post_init__(self) -> None:

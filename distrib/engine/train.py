@@ -13,7 +13,9 @@ One loop serves one process, DataParallel and DDP. What makes runs trustworthy:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -54,6 +56,8 @@ from distrib.memory.report import combine, verdict_table
 from distrib.process_group import all_reduce_sum, gather_objects, rendezvous_store
 from distrib.seeding import STEPS, derive_seed, seed_process
 from distrib.signals import Stopped
+from distrib.timing.clock import StepClock
+from distrib.timing.watch import TimingHook
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,14 @@ def micro_batches(run: Run) -> Iterator[tuple[bool, Any]]:
         train.sampler.start_at(prog.samples_in_epoch)
     per_micro_step = train.loader.batch_size * run.ctx.world_size  # positions all ranks consume
     run.watch.at("loading a batch")
-    for i, batch in enumerate(train.epoch(prog.epoch)):
+    batches, clock = iter(train.epoch(prog.epoch)), run.clock
+    for i in itertools.count():
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        if clock is not None:
+            clock.add("data", time.perf_counter() - waited)
         run.skipped.extend(s.path for s in batch.skipped)
         if run.ledger is not None:
             run.ledger.add(batch.indices)
@@ -107,7 +118,7 @@ def micro_batches(run: Run) -> Iterator[tuple[bool, Any]]:
 
 def train_epoch(run: Run) -> bool:
     """One (possibly resumed) epoch; False when train.max_steps stopped it midway."""
-    ctx, cfg, eng, prog = run.ctx, run.cfg, run.eng, run.prog
+    ctx, cfg, eng, prog, clock = run.ctx, run.cfg, run.eng, run.prog, run.clock
     eng.model.train()
     sums = run.sums = EpochSums.start(prog, ctx.device)
     for hook in run.hooks:
@@ -117,14 +128,18 @@ def train_epoch(run: Run) -> bool:
         if len(batch) == 0:
             continue
         run.watch.step = prog.global_step + 1
+        began = clock.begin_forward() if clock is not None else 0.0
         loss, hits, n = forward_backward(ctx, cfg, eng, batch, sync, run.watch)
+        if clock is not None:
+            clock.end_backward(began, sync)
         sums.loss.add_(loss, alpha=n)
         sums.hits.add_(hits)
         sums.count += n
         if not sync:
             continue
         run.watch.at("the optimizer step")
-        optimizer_step(ctx, cfg, eng, (prog.epoch, prog.global_step), sums.loss)
+        with clock.optimizer() if clock is not None else contextlib.nullcontext():
+            optimizer_step(ctx, cfg, eng, (prog.epoch, prog.global_step), sums.loss)
         prog.global_step += 1
         run.watch.at("the step's hooks (logging, memory monitor)")
         for hook in run.hooks:
@@ -136,6 +151,8 @@ def train_epoch(run: Run) -> bool:
             prog.epoch_seconds += time.perf_counter() - start
             start = time.perf_counter()
             save(run, best=False)
+        if clock is not None:
+            clock.end_step(prog.global_step)
         if stopping:
             raise_stopped(run)
         if cfg.train.max_steps and prog.global_step >= cfg.train.max_steps:
@@ -281,6 +298,7 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     run.hooks.append(
         StepLog(run_dir, cfg.train.log_every, total_steps(cfg, steps), planned_epochs(cfg, steps))
     )
+    timing = start_timing(run)
     monitor = start_monitor(run) if cfg.memory.enabled else None
     watchdog = start_watchdog(run)
     try:
@@ -289,8 +307,20 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
         if watchdog is not None:
             watchdog.stop()
         memory = finish_monitor(run, monitor, together=ended_together(sys.exc_info()[1]))
-    finish(run, {"memory": memory} if memory else {})
+    extra = {"memory": memory} if memory else {}
+    finish(run, extra | ({"timing": timing.summary()} if timing is not None else {}))
     return 0
+
+
+def start_timing(run: Run) -> TimingHook | None:
+    """The step breakdown on every rank (timing.enabled): the clock in the loop, the hook after it."""
+    if not run.cfg.timing.enabled:
+        return None
+    ddp = run.ctx.distributed and run.eng.mode == "ddp"
+    run.clock = StepClock(run.eng.model, comm_hooks=ddp, cuda=run.ctx.is_cuda)
+    hook = TimingHook(run.ctx, run.cfg.timing, run.clock, run.run_dir)
+    run.hooks.append(hook)
+    return hook
 
 
 def guarded_epochs(run: Run, watchdog: hang.Watchdog | None) -> None:

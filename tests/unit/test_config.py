@@ -238,7 +238,8 @@ BOUNDS = {
     "checkpoint.keep_last": "[1, inf)",
     "memory.interval_s": "(0, inf)", "memory.warmup_steps": "[0, inf)", "memory.check_every": "[1, inf)",
     "memory.min_steps": "[3, inf)", "memory.min_rate_kb": "(0, inf)", "memory.min_growth_mb": "(0, inf)",
-    "memory.census_gap": "[1, inf)",
+    "memory.census_gap": "[1, inf)", "timing.window": "[2, inf)", "timing.ratio": "(1, inf)",
+    "timing.min_share": "[0, 1]", "timing.patience": "[1, inf)",
 }  # fmt: skip
 
 
@@ -289,7 +290,7 @@ FLOAT_KEYS = {
     "dist.timeout_s", "data.val_fraction", "data.crop_scale", "data.hflip", "data.vflip", "data.rotation",
     "data.mean", "data.std", "model.dropout", "optim.lr", "optim.momentum", "optim.weight_decay",
     "optim.warmup_epochs", "optim.gamma", "train.label_smoothing", "train.grad_clip", "memory.interval_s",
-    "memory.min_rate_kb", "memory.min_growth_mb",
+    "memory.min_rate_kb", "memory.min_growth_mb", "timing.ratio", "timing.min_share",
 }  # fmt: skip
 
 
