@@ -9,13 +9,16 @@ add up):
 - data: the time the training loop waits for its next batch (``next()`` on the loader);
 - comm (DDP, the micro-batch that synchronises): from the moment the last parameter's gradient
   was accumulated (a post-accumulate-grad hook: the backward computation is done) to the return
-  of ``backward()``, which DDP holds until every bucket's all-reduce finished;
+  of ``backward()``, which DDP holds until every bucket's all-reduce finished; plus, on the CPU,
+  DDP's buffer broadcast before each forward (rank 0 waits there for a late rank);
 - compute: forward + backward minus comm; optimizer: ``optimizer_step`` (clip, step, schedule);
 - rest: the step's wall time minus all of the above (metric sums, hooks, the stop vote, saves).
 
 On CUDA the compute phases are read from CUDA events one step later (no synchronisation in the
-step); data and rest stay host clocks. ``cpu`` is the process's CPU seconds per wall second over
-the step: a CPU rank well below its usual figure got less CPU than it wanted (shared cores).
+step); data and rest stay host clocks. ``cpu`` is the process's CPU seconds per wall second of
+compute (forward and backward): a CPU rank well below the others' figure got less CPU than it
+wanted (another process shares its cores), whereas a rank waiting on a disk or a loader does
+not show there.
 """
 
 from __future__ import annotations
@@ -52,11 +55,16 @@ class StepClock:
         self.last_grad = 0.0
         self._handles = []
         self._grad_event: torch.cuda.Event | None = None
+        self._entered = self._inner = 0.0
         if comm_hooks:
             hook = self._cuda_grad if cuda else self._cpu_grad
             self._handles = [
                 p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad
             ]
+            inner = getattr(model, "module", None)
+            if inner is not None and not cuda:  # DDP's buffer broadcast before the forward: a wait too
+                self._handles.append(model.register_forward_pre_hook(self._enter))
+                self._handles.append(inner.register_forward_pre_hook(self._enter_inner))
         self._pending: deque[_Pending] = deque()
         self._events: list = []
         self._opt_events: list = []
@@ -64,9 +72,15 @@ class StepClock:
 
     def restart(self) -> None:
         """A step starts now (after a pause that is not a step's: validation, a checkpoint)."""
-        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.t0, self.cpu_fb, self._fb_cpu0 = time.perf_counter(), 0.0, 0.0
         self.acc = dict.fromkeys(PHASES, 0.0)
         self._events, self._opt_events = [], []
+
+    def _enter(self, *_: object) -> None:
+        self._entered = time.perf_counter()
+
+    def _enter_inner(self, *_: object) -> None:
+        self._inner = time.perf_counter()
 
     def _cpu_grad(self, _: torch.Tensor) -> None:
         self.last_grad = time.perf_counter()
@@ -86,15 +100,19 @@ class StepClock:
             self._grad_event = grad
             self._events.append((start, grad, end))
         self.last_grad = 0.0
+        self._fb_cpu0 = time.process_time()
         return time.perf_counter()
 
     def end_backward(self, started: float, sync: bool) -> None:
         now = time.perf_counter()
+        self.cpu_fb += time.process_time() - self._fb_cpu0
         if self.cuda:
             self._events[-1][2].record()
             self._grad_event = None
             return
         comm = max(0.0, now - self.last_grad) if sync and self._handles and self.last_grad else 0.0
+        if self._inner > self._entered > started:  # DDP synchronised its buffers before this forward
+            comm += self._inner - self._entered
         self.acc["comm"] += comm
         self.acc["compute"] += now - started - comm
 
@@ -114,16 +132,17 @@ class StepClock:
 
     def end_step(self, step: int) -> None:
         """The optimizer step ``step`` ended (its hooks and the stop vote included)."""
-        now, cpu = time.perf_counter(), time.process_time()
+        now = time.perf_counter()
         wall = now - self.t0
-        row = {"step": float(step), "wall": wall, **self.acc, "cpu": (cpu - self.cpu0) / max(wall, 1e-9)}
+        cpu = self.cpu_fb / max(self.acc["compute"], 1e-9)
+        row = {"step": float(step), "wall": wall, **self.acc, "cpu": cpu}
         if self.cuda:
             self._pending.append(_Pending(row, self._events, self._opt_events))
             self._read_cuda(block=False)
         else:
             row["rest"] = max(0.0, wall - sum(row[p] for p in PHASES if p != "rest"))
             self.rows.append(row)
-        self.t0, self.cpu0 = now, cpu
+        self.t0, self.cpu_fb = now, 0.0
         self.acc = dict.fromkeys(PHASES, 0.0)
         self._events, self._opt_events = [], []
 

@@ -7,8 +7,9 @@ tripling is not news) for ``timing.patience`` windows in a row is a straggler: n
 episode (it ends at the first window it is not slow), with what it costs the others (their wait
 in the gradient all-reduce as a share of their step) and the likely cause:
 
+- a CPU rank that got clearly less CPU per second of its own work than the others: another
+  process shares its cores (this slows its compute and its decoding alike);
 - data: its loader is starved (too few workers, a slow disk, slow decoding);
-- compute on a CPU rank: it got less CPU time than wall time (another process shares its cores);
 - compute on a GPU rank: what NVML says (clocks, throttle reasons, utilisation, other processes).
 
 Because every rank holds the same gathered numbers and runs the same judge, a ``fail`` verdict
@@ -135,19 +136,24 @@ def describe(
 
 def likely_cause(s: WindowStats, stats: list[WindowStats], phase: str) -> str:
     """The cause read from the rank's own numbers (and NVML's, on a GPU)."""
-    if phase == "data":
-        return (
-            f"its loader is starved: it waits {1000 * s.medians['data']:.1f} ms per step for data against "
-            f"{1000 * others(stats, s.rank, 'data'):.1f} ms (data.num_workers, the disk, decoding)"
-        )
     if s.device.startswith("cuda"):
-        return gpu_cause(s.gpu)
+        return gpu_cause(s.gpu) if phase == "compute" else starved(s, stats)
     cpu, theirs = s.medians["cpu"], others(stats, s.rank, "cpu")
     if cpu < SHARED_CPU * theirs:
         return (
-            f"it got {cpu:.2f} s of CPU per second of wall time against {theirs:.2f} (its cores are shared)"
+            f"it got {cpu:.2f} s of CPU per second of compute against the others' {theirs:.2f} "
+            "(its cores are shared with another process)"
         )
-    return f"it got {cpu:.2f} s of CPU per wall second, as the others did ({theirs:.2f}): it computes slower"
+    if phase == "data":
+        return starved(s, stats)
+    return f"it got {cpu:.2f} s of CPU per second of compute, as others ({theirs:.2f}): it computes slower"
+
+
+def starved(s: WindowStats, stats: list[WindowStats]) -> str:
+    return (
+        f"its loader is starved: it waits {1000 * s.medians['data']:.1f} ms per step for data against "
+        f"{1000 * others(stats, s.rank, 'data'):.1f} ms (data.num_workers, the disk, decoding)"
+    )
 
 
 def gpu_cause(gpu: dict[str, Any]) -> str:
