@@ -1,0 +1,74 @@
+"""The straggler judge on numbers (pure) and the step clock on a real model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from distrib.timing.clock import PHASES, StepClock
+from distrib.timing.straggler import Judge, WindowStats
+
+
+def stats(rank: int, compute: float = 0.02, data: float = 0.002, cpu: float = 1.0, comm: float = 0.001):
+    wall = compute + data + comm + 0.002
+    medians = {"wall": wall, "data": data, "compute": compute, "comm": comm, "optimizer": 0.001,
+               "rest": 0.001, "cpu": cpu}  # fmt: skip
+    return WindowStats(rank, "n", "cpu", 5, medians)
+
+
+def judge(patience: int = 3) -> Judge:
+    return Judge(ratio=1.3, min_share=0.05, patience=patience)
+
+
+def test_a_slow_rank_is_named_once_at_the_patience_th_window_and_again_after_a_break() -> None:
+    j = judge()
+    slow = [stats(0, comm=0.02), stats(1, compute=0.04, cpu=0.5), stats(2, comm=0.02)]
+    named = [len(j.window(slow, step)) for step in (5, 10, 15, 20, 25)]
+    assert named == [0, 0, 1, 0, 0] and j.episodes[0].rank == 1 and j.episodes[0].last_step == 25
+    e = j.episodes[0]
+    assert e.phase == "compute" and e.ratio == pytest.approx(2.0) and "its cores are shared" in e.cause
+    assert "the others wait" in e.message and "forward/backward 2.00x" in e.message
+    j.window([stats(0), stats(1), stats(2)], 30)  # the episode ends
+    assert [len(j.window(slow, s)) for s in (35, 40, 45)] == [0, 0, 1] and len(j.episodes) == 2
+
+
+def test_equal_ranks_tiny_phases_and_a_single_rank_are_never_named() -> None:
+    j = judge(patience=1)
+    assert not j.window([stats(0), stats(1, compute=0.024)], 5)  # 1.2x: under the ratio
+    # data 0.2 ms against 0.6 ms: 3x, but 0.4 ms of a 25 ms step is noise (min_share)
+    assert not j.window([stats(0, data=0.0002), stats(1, data=0.0006)], 10)
+    assert not j.window([stats(0, compute=1.0)], 15)
+    assert j.episodes == []
+
+
+def test_the_cause_is_read_from_the_ranks_own_numbers() -> None:
+    j = judge(patience=1)
+    (starved,) = j.window([stats(0), stats(1, data=0.03)], 5)
+    assert starved.phase == "data" and "its loader is starved" in starved.cause
+    j = judge(patience=1)
+    (slower,) = j.window([stats(0), stats(1, compute=0.05, cpu=0.95)], 5)
+    assert "it computes slower" in slower.cause and "shared" not in slower.cause
+
+
+def test_the_clock_splits_every_step_into_phases_that_add_up_to_its_wall_time() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    clock = StepClock(model, comm_hooks=False, cuda=False)
+    for step in range(1, 4):
+        clock.add("data", 0.003)
+        time.sleep(0.003)
+        began = clock.begin_forward()
+        model(torch.randn(32, 64)).sum().backward()
+        clock.end_backward(began, sync=True)
+        with clock.optimizer():
+            opt.step()
+        time.sleep(0.002)  # the step's hooks
+        clock.end_step(step)
+    assert [r["step"] for r in clock.rows] == [1, 2, 3]
+    for row in clock.rows:
+        assert sum(row[p] for p in PHASES) == pytest.approx(row["wall"], rel=1e-6)
+        assert row["rest"] >= 0.002 and row["data"] == 0.003 and row["compute"] > 0 and row["comm"] == 0
+        assert row["cpu"] > 0
