@@ -421,6 +421,8 @@ def test_bench_overhead_smoke(tmp_path: Path) -> None:
     assert meta["ledger_count_us"] > 0 and meta["ledger_check_ms"] > 0 and 0 < meta["ledger_share"] < 1
     assert "per-step overhead" in res.stdout and "95% CI" in res.stdout
     assert "the sample ledger: " in res.stdout
+    assert meta["timing_clock_us"] > 0 and meta["timing_window_ms"] > 0 and 0 < meta["timing_share"] < 1
+    assert "the step breakdown: " in res.stdout
 
 
 def test_bench_parallel_reports_every_mode(tmp_path: Path) -> None:
