@@ -368,7 +368,7 @@ class TimingSection:
         20, "Steps per window: the ranks compare their phase medians once a window.", within="[2, inf)"
     )
     ratio: float = _f(
-        1.3,
+        1.5,
         "A rank whose compute or data wait is at least this times the other ranks' median is slow ...",
         within="(1, inf)",
     )

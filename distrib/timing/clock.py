@@ -17,8 +17,9 @@ add up):
 On CUDA the compute phases are read from CUDA events one step later (no synchronisation in the
 step); data and rest stay host clocks. ``cpu`` is the process's CPU seconds per wall second of
 compute (forward and backward): a CPU rank well below the others' figure got less CPU than it
-wanted (another process shares its cores), whereas a rank waiting on a disk or a loader does
-not show there.
+wanted, whereas a rank waiting on a disk or a loader does not show there; ``queue`` is the
+time the training thread spent runnable but waiting for a CPU (Linux's run queue,
+``/proc/thread-self/schedstat``) per second of compute: the direct sign of a shared core.
 """
 
 from __future__ import annotations
@@ -28,12 +29,22 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 PHASES = ("data", "compute", "comm", "optimizer", "rest")
-COLUMNS = ("step", "wall", *PHASES, "cpu")
+COLUMNS = ("step", "wall", *PHASES, "cpu", "queue")
+SCHEDSTAT = Path("/proc/thread-self/schedstat")  # Linux: this thread's CPU time and run-queue wait, ns
+
+
+def run_queue_wait() -> float:
+    """Seconds this thread has waited for a CPU while runnable (0 where Linux does not say)."""
+    try:
+        return int(SCHEDSTAT.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 @dataclass
@@ -73,6 +84,7 @@ class StepClock:
     def restart(self) -> None:
         """A step starts now (after a pause that is not a step's: validation, a checkpoint)."""
         self.t0, self.cpu_fb, self._fb_cpu0 = time.perf_counter(), 0.0, 0.0
+        self.queue_fb = self._fb_queue0 = 0.0
         self.acc = dict.fromkeys(PHASES, 0.0)
         self._events, self._opt_events = [], []
 
@@ -100,12 +112,13 @@ class StepClock:
             self._grad_event = grad
             self._events.append((start, grad, end))
         self.last_grad = 0.0
-        self._fb_cpu0 = time.process_time()
+        self._fb_cpu0, self._fb_queue0 = time.process_time(), run_queue_wait()
         return time.perf_counter()
 
     def end_backward(self, started: float, sync: bool) -> None:
         now = time.perf_counter()
         self.cpu_fb += time.process_time() - self._fb_cpu0
+        self.queue_fb += run_queue_wait() - self._fb_queue0
         if self.cuda:
             self._events[-1][2].record()
             self._grad_event = None
@@ -134,15 +147,16 @@ class StepClock:
         """The optimizer step ``step`` ended (its hooks and the stop vote included)."""
         now = time.perf_counter()
         wall = now - self.t0
-        cpu = self.cpu_fb / max(self.acc["compute"], 1e-9)
-        row = {"step": float(step), "wall": wall, **self.acc, "cpu": cpu}
+        compute = max(self.acc["compute"], 1e-9)
+        row = {"step": float(step), "wall": wall, **self.acc, "cpu": self.cpu_fb / compute}
+        row["queue"] = self.queue_fb / compute
         if self.cuda:
             self._pending.append(_Pending(row, self._events, self._opt_events))
             self._read_cuda(block=False)
         else:
             row["rest"] = max(0.0, wall - sum(row[p] for p in PHASES if p != "rest"))
             self.rows.append(row)
-        self.t0, self.cpu_fb = now, 0.0
+        self.t0, self.cpu_fb, self.queue_fb = now, 0.0, 0.0
         self.acc = dict.fromkeys(PHASES, 0.0)
         self._events, self._opt_events = [], []
 

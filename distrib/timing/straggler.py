@@ -7,8 +7,9 @@ tripling is not news) for ``timing.patience`` windows in a row is a straggler: n
 episode (it ends at the first window it is not slow), with what it costs the others (their wait
 in the gradient all-reduce as a share of their step) and the likely cause:
 
-- a CPU rank that got clearly less CPU per second of its own work than the others: another
-  process shares its cores (this slows its compute and its decoding alike);
+- a CPU rank whose training thread waited in Linux's run queue for a CPU for a good share of
+  its compute (15%), so much more than the others that the wait alone makes it 15% slower
+  ((1 - theirs) / (1 - its)): another process shares its cores (its compute and decoding alike);
 - data: its loader is starved (too few workers, a slow disk, slow decoding);
 - compute on a GPU rank: what NVML says (clocks, throttle reasons, utilisation, other processes).
 
@@ -24,7 +25,8 @@ from typing import Any
 
 from distrib.timing.clock import PHASES
 
-SHARED_CPU = 0.8  # a CPU rank getting under this share of the others' CPU per wall second: shared cores
+SHARED_QUEUE = 0.15  # a CPU rank waiting at least this share of its compute for a CPU ...
+QUEUE_SLOWDOWN = 1.15  # ... and so much more than the others that the wait alone makes it 15% slower
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class WindowStats:
     def of(
         rank: int, node: str, device: str, rows: list[dict[str, float]], gpu: dict[str, Any]
     ) -> WindowStats:
-        keys = ("wall", *PHASES, "cpu")
+        keys = ("wall", *PHASES, "cpu", "queue")
         return WindowStats(
             rank, node, device, len(rows), {k: statistics.median(r[k] for r in rows) for k in keys}, gpu
         )
@@ -139,9 +141,12 @@ def likely_cause(s: WindowStats, stats: list[WindowStats], phase: str) -> str:
     if s.device.startswith("cuda"):
         return gpu_cause(s.gpu) if phase == "compute" else starved(s, stats)
     cpu, theirs = s.medians["cpu"], others(stats, s.rank, "cpu")
-    if cpu < SHARED_CPU * theirs:
+    queue, their_queue = s.medians["queue"], others(stats, s.rank, "queue")
+    slowdown = (1 - min(their_queue, 0.99)) / max(1 - queue, 0.01)  # from waiting for a CPU alone
+    if queue >= SHARED_QUEUE and slowdown >= QUEUE_SLOWDOWN:
         return (
-            f"it got {cpu:.2f} s of CPU per second of compute against the others' {theirs:.2f} "
+            f"it waited {100 * queue:.0f}% of its compute time for a CPU against the others' "
+            f"{100 * their_queue:.0f}%, and got {cpu:.2f} s of CPU per second of compute "
             "(its cores are shared with another process)"
         )
     if phase == "data":

@@ -79,7 +79,11 @@ class TimingHook(Hook):
         self.clock.flush()
         self.write()
         rows = self.clock.rows
-        mine = {k: statistics.median(r[k] for r in rows) for k in ("wall", *PHASES, "cpu")} if rows else {}
+        mine = (
+            {k: statistics.median(r[k] for r in rows) for k in ("wall", *PHASES, "cpu", "queue")}
+            if rows
+            else {}
+        )
         every = gather_objects(self.ctx, {"rank": self.ctx.rank, "steps": len(rows), **mine})
         return {
             "median_s_per_rank": every,

@@ -12,10 +12,10 @@ from distrib.timing.clock import PHASES, StepClock
 from distrib.timing.straggler import Judge, WindowStats
 
 
-def stats(rank: int, compute: float = 0.02, data: float = 0.002, cpu: float = 1.0, comm: float = 0.001):
+def stats(rank: int, compute: float = 0.02, data: float = 0.002, queue: float = 0.02, comm: float = 0.001):
     wall = compute + data + comm + 0.002
     medians = {"wall": wall, "data": data, "compute": compute, "comm": comm, "optimizer": 0.001,
-               "rest": 0.001, "cpu": cpu}  # fmt: skip
+               "rest": 0.001, "cpu": 1 - queue, "queue": queue}  # fmt: skip
     return WindowStats(rank, "n", "cpu", 5, medians)
 
 
@@ -25,7 +25,7 @@ def judge(patience: int = 3) -> Judge:
 
 def test_a_slow_rank_is_named_once_at_the_patience_th_window_and_again_after_a_break() -> None:
     j = judge()
-    slow = [stats(0, comm=0.02), stats(1, compute=0.04, cpu=0.5), stats(2, comm=0.02)]
+    slow = [stats(0, comm=0.02), stats(1, compute=0.04, queue=0.5), stats(2, comm=0.02)]
     named = [len(j.window(slow, step)) for step in (5, 10, 15, 20, 25)]
     assert named == [0, 0, 1, 0, 0] and j.episodes[0].rank == 1 and j.episodes[0].last_step == 25
     e = j.episodes[0]
@@ -49,7 +49,7 @@ def test_the_cause_is_read_from_the_ranks_own_numbers() -> None:
     (starved,) = j.window([stats(0), stats(1, data=0.03)], 5)
     assert starved.phase == "data" and "its loader is starved" in starved.cause
     j = judge(patience=1)
-    (slower,) = j.window([stats(0), stats(1, compute=0.05, cpu=0.95)], 5)
+    (slower,) = j.window([stats(0), stats(1, compute=0.05, queue=0.03)], 5)
     assert "it computes slower" in slower.cause and "shared" not in slower.cause
 
 
