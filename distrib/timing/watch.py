@@ -19,7 +19,7 @@ from typing import Any
 from distrib.config import TimingSection
 from distrib.context import DistContext
 from distrib.engine.state import Hook, Run
-from distrib.errors import LaunchError
+from distrib.errors import EchoedError, LaunchError
 from distrib.process_group import gather_objects
 from distrib.timing.clock import COLUMNS, PHASES, StepClock
 from distrib.timing.straggler import Judge, WindowStats
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 class StragglerError(LaunchError):
     """timing.on_straggler = fail: every rank stops at the same window."""
+
+
+class EchoedStragglerError(StragglerError, EchoedError):
+    """The same verdict on the other ranks: logged once, by rank 0."""
 
 
 class TimingHook(Hook):
@@ -56,10 +60,11 @@ class TimingHook(Hook):
         mine = WindowStats.of(self.ctx.rank, self.node, str(self.ctx.device), rows, gpu_reading(self.ctx))
         stats = gather_objects(self.ctx, mine)
         for episode in self.judge.window(stats, run.prog.global_step):
+            if self.settings.on_straggler == "fail":  # every rank judged alike: rank 0 says it once
+                error = StragglerError if self.ctx.is_main else EchoedStragglerError
+                raise error(f"{episode.message} (timing.on_straggler = fail)")
             if self.ctx.is_main:
                 log.warning("%s", episode.message)
-            if self.settings.on_straggler == "fail":
-                raise StragglerError(f"{episode.message} (timing.on_straggler = fail)")
 
     def write(self) -> None:
         """Append the rows not yet in this rank's file."""
