@@ -267,6 +267,26 @@ def forked(
             return subprocess.CompletedProcess([sys.executable, LAUNCH, *args], code, fo.read(), fe.read())
 
 
+def ranks_of(proc: subprocess.Popen | ForkedProc, loader_workers: bool = False) -> dict:
+    """The job's ranks by LOCAL_RANK (the agent's children), or one DataLoader worker of each."""
+    found = {}
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            env, parent = child.environ(), child.parent()
+            parent_is_rank = parent is not None and "LOCAL_RANK" in parent.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if (
+            "LOCAL_RANK" in env
+            and "launch.py" in " ".join(child.cmdline())
+            and parent_is_rank == loader_workers
+        ):
+            found[env["LOCAL_RANK"]] = child
+    return found
+
+
 def rank_reports(out_dir: Path) -> list[dict]:
     """Every rank's report of the single run under ``out_dir``, in rank order."""
     runs = [p for p in out_dir.iterdir() if p.is_dir()]

@@ -279,7 +279,9 @@ def timing_cost(run: Run) -> list[float]:
             pass
         clock.end_step(k)
     per_step = (time.perf_counter() - start) / 200
-    hook = next(h for h in run.hooks if h.__class__.__name__ == "TimingHook")
+    from distrib.timing.watch import TimingHook
+
+    hook = next(h for h in run.hooks if isinstance(h, TimingHook))
     window, spent = run.cfg.timing.window, 0.0
     hook.after_step(run)  # the rows above, out of the way
     for k in range(5):

@@ -306,6 +306,8 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if timing is not None:
+            timing.write()  # a stop or an error keeps the rows timed since the last window
         memory = finish_monitor(run, monitor, together=ended_together(sys.exc_info()[1]))
     extra = {"memory": memory} if memory else {}
     finish(run, extra | ({"timing": timing.summary()} if timing is not None else {}))
@@ -318,7 +320,7 @@ def start_timing(run: Run) -> TimingHook | None:
         return None
     ddp = run.ctx.distributed and run.eng.mode == "ddp"
     run.clock = StepClock(run.eng.model, comm_hooks=ddp, cuda=run.ctx.is_cuda)
-    hook = TimingHook(run.ctx, run.cfg.timing, run.clock, run.run_dir)
+    hook = TimingHook(run.ctx, run.cfg.timing, run.clock, run.run_dir, run.prog.global_step)
     run.hooks.append(hook)
     return hook
 

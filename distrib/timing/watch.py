@@ -18,6 +18,7 @@ from typing import Any
 
 from distrib.config import TimingSection
 from distrib.context import DistContext
+from distrib.engine.metrics import trim_steps
 from distrib.engine.state import Hook, Run
 from distrib.errors import EchoedError, LaunchError
 from distrib.process_group import gather_objects
@@ -38,10 +39,17 @@ class EchoedStragglerError(StragglerError, EchoedError):
 class TimingHook(Hook):
     """Writes the clock's rows and judges the ranks once a window."""
 
-    def __init__(self, ctx: DistContext, settings: TimingSection, clock: StepClock, run_dir: Path | None):
+    def __init__(
+        self, ctx: DistContext, settings: TimingSection, clock: StepClock, run_dir: Path | None, step: int = 0
+    ):
+        """``step``: the optimizer step the run resumes after; rows logged beyond it before a stop are
+        dropped (they are timed again), so each step has one row whatever the world size now."""
         self.ctx, self.settings, self.clock = ctx, settings, clock
         self.judge = Judge(settings.ratio, settings.min_share, settings.patience)
         self.path = run_dir / f"timing_rank{ctx.rank}.csv" if run_dir is not None else None
+        if self.path is not None:
+            trim_steps(self.path, step)
+        self.windows = 0  # windows judged (with more than one rank)
         self.written = 0  # rows already in the file
         self.judged = 0  # rows already compared
         self.node = platform.node()
@@ -59,6 +67,7 @@ class TimingHook(Hook):
             return
         mine = WindowStats.of(self.ctx.rank, self.node, str(self.ctx.device), rows, gpu_reading(self.ctx))
         stats = gather_objects(self.ctx, mine)
+        self.windows += len(stats) > 1
         for episode in self.judge.window(stats, run.prog.global_step):
             if self.settings.on_straggler == "fail":  # every rank judged alike: rank 0 says it once
                 error = StragglerError if self.ctx.is_main else EchoedStragglerError
@@ -70,7 +79,7 @@ class TimingHook(Hook):
         """Append the rows not yet in this rank's file."""
         if self.path is None or self.written >= len(self.clock.rows):
             return
-        new = not self.path.exists() or self.written == 0 and not self.path.stat().st_size
+        new = not self.path.exists() or self.path.stat().st_size == 0
         with self.path.open("a", newline="") as fh:
             out = csv.writer(fh)
             if new:
@@ -93,8 +102,22 @@ class TimingHook(Hook):
         return {
             "median_s_per_rank": every,
             "stragglers": [e.as_dict() for e in self.judge.episodes],
+            "straggler_check": self.verdict(),
             "window": self.settings.window,
         }
+
+    def verdict(self) -> str:
+        """What "no straggler" rests on: windows judged, or why none could be."""
+        if self.ctx.world_size < 2:
+            return "not judged: one rank"
+        patience = self.settings.patience
+        if self.windows < patience:
+            return (
+                f"not judged: {self.windows} window(s) of {self.settings.window} steps compared, fewer than "
+                f"timing.patience ({patience})"
+            )
+        found = len(self.judge.episodes)
+        return f"{self.windows} window(s) of {self.settings.window} steps compared; {found} episode(s)"
 
 
 def gpu_reading(ctx: DistContext) -> dict[str, Any]:

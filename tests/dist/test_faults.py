@@ -4,6 +4,7 @@ launcher leaves no rank behind."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from conftest import (
     clean_env,
     free_port,
     launch,
+    ranks_of,
     start_launch,
     tiny,
     weights,
@@ -35,24 +37,6 @@ SETS = ("train.epochs=4", "checkpoint.every_steps=2", "checkpoint.keep_last=3")
 def steps_logged(run_dir: Path) -> int:
     path = run_dir / "steps.csv"
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
-
-
-def ranks_of(proc: subprocess.Popen, loader_workers: bool = False) -> dict[str, psutil.Process]:
-    """The job's ranks by LOCAL_RANK (the agent's children), or one DataLoader worker of each."""
-    found = {}
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            env, parent = child.environ(), child.parent()
-            parent_is_rank = parent is not None and "LOCAL_RANK" in parent.environ()
-        except (psutil.AccessDenied, psutil.NoSuchProcess):
-            continue
-        if (
-            "LOCAL_RANK" in env
-            and "launch.py" in " ".join(child.cmdline())
-            and parent_is_rank == loader_workers
-        ):
-            found[env["LOCAL_RANK"]] = child
-    return found
 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen | ForkedProc:
@@ -84,6 +68,10 @@ def kill_a_rank_at(proc: subprocess.Popen, run_dir: Path, step: int, loader_work
         victims = ranks_of(proc, loader_worker)
     assert "1" in victims, f"no rank 1 (or its DataLoader worker) to kill at step {step}"
     victims["1"].kill()
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def same_run(a: Path, b: Path) -> None:
@@ -201,6 +189,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint_and_
     again = launch(*args[2:], "--resume", "auto", timeout=200)
     assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr[-3000:]
     same_run(reference, tmp_path / "s")
+    for rank in (0, 1):  # the stop kept its rows; the resume dropped none and timed none twice
+        timed = [int(r["step"]) for r in csv.DictReader((tmp_path / "s" / f"timing_rank{rank}.csv").open())]
+        assert timed == list(range(1, len(timed) + 1)) and timed[-1] == summary(tmp_path / "s")["global_step"]
 
 
 def test_sigint_to_a_single_process_stops_at_a_step_and_resumes(demo: Path, tmp_path: Path) -> None:

@@ -39,6 +39,8 @@ def test_default_job_single_and_two_processes(tmp_path: Path) -> None:
         summary = json.loads((out / "summary.json").read_text())
         assert summary["val_acc"] >= 0.95 and summary["epochs"] == 8
         assert summary["world_size"] == (2 if extra else 1) and summary["images_per_s"] > 0
+        check = summary["timing"]["straggler_check"]  # "no straggler" only where ranks were compared
+        assert check.endswith("episode(s)") if extra else check == "not judged: one rank", check
         for f in ("metrics.csv", "preview.png", "classes.json", "config.toml", "steps.csv"):
             assert (out / f).exists(), f
         assert (out / "checkpoints" / "best.pt").exists()
