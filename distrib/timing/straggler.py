@@ -9,7 +9,8 @@ in the gradient all-reduce as a share of their step) and the likely cause:
 
 - a CPU rank whose training thread waited in Linux's run queue for a CPU for a good share of
   its compute (15%), so much more than the others that the wait alone makes it 15% slower
-  ((1 - theirs) / (1 - its)): another process shares its cores (its compute and decoding alike);
+  ((1 - theirs) / (1 - its)) and explains at least half of its slowdown (in log terms): another
+  process shares its cores (its compute and decoding alike);
 - data: its loader is starved (too few workers, a slow disk, slow decoding);
 - compute on a GPU rank: what NVML says (clocks, throttle reasons, utilisation, other processes).
 
@@ -19,6 +20,7 @@ stops every rank at the same step without a collective of its own.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,7 +128,7 @@ def describe(
     phase, ratio = slow
     waits = [o.medians["comm"] / max(o.medians["wall"], 1e-9) for o in stats if o.rank != s.rank]
     share = statistics.median(waits)
-    cause = likely_cause(s, stats, phase)
+    cause = likely_cause(s, stats, phase, ratio)
     name = "forward/backward" if phase == "compute" else "data wait"
     ratio_text = f"{ratio:.2f}x" if ratio < 100 else "far above"
     message = (
@@ -136,14 +138,16 @@ def describe(
     return Episode(s.rank, phase, step, step, round(ratio, 3), round(share, 4), cause, message)
 
 
-def likely_cause(s: WindowStats, stats: list[WindowStats], phase: str) -> str:
+def likely_cause(s: WindowStats, stats: list[WindowStats], phase: str, ratio: float = 1.0) -> str:
     """The cause read from the rank's own numbers (and NVML's, on a GPU)."""
     if s.device.startswith("cuda"):
         return gpu_cause(s.gpu) if phase == "compute" else starved(s, stats)
     cpu, theirs = s.medians["cpu"], others(stats, s.rank, "cpu")
     queue, their_queue = s.medians["queue"], others(stats, s.rank, "queue")
     slowdown = (1 - min(their_queue, 0.99)) / max(1 - queue, 0.01)  # from waiting for a CPU alone
-    if queue >= SHARED_QUEUE and slowdown >= QUEUE_SLOWDOWN:
+    # the wait for a CPU must explain at least half of the slowdown (in log terms): a rank 20x slower
+    # in its data phase that also waited for a CPU is starved first
+    if queue >= SHARED_QUEUE and slowdown >= max(QUEUE_SLOWDOWN, math.sqrt(ratio)):
         return (
             f"it waited {100 * queue:.0f}% of its compute time for a CPU against the others' "
             f"{100 * their_queue:.0f}%, and got {cpu:.2f} s of CPU per second of compute "

@@ -48,6 +48,9 @@ def test_the_cause_is_read_from_the_ranks_own_numbers() -> None:
     j = judge(patience=1)
     (starved,) = j.window([stats(0), stats(1, data=0.03)], 5)
     assert starved.phase == "data" and "its loader is starved" in starved.cause
+    j = judge(patience=1)  # 20x slower data that waited for a CPU too: the wait explains 3x of it
+    (starved,) = j.window([stats(0, data=0.002, queue=0.05), stats(1, data=0.04, queue=0.7)], 5)
+    assert "its loader is starved" in starved.cause, starved.cause
     j = judge(patience=1)
     (slower,) = j.window([stats(0), stats(1, compute=0.05, queue=0.03)], 5)
     assert "it computes slower" in slower.cause and "shared" not in slower.cause
