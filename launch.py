@@ -314,6 +314,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         return main_env(inventory, applied, args.json)
     if args.command == "organize":
         return run_organize(args)
+    if args.command == "top":
+        from distrib.top import main_top
+
+        return main_top(args.run_dir, cfg.run.out_dir, args.once)
     if args.command == "bench":
         prepare_devices(cfg, need_inventory=False)
         return run_bench(args, cfg)

@@ -27,6 +27,7 @@ COMMANDS = (
     "env",
     "config",
     "bench",
+    "top",
 )
 SCRIPT_EPILOG = """\
 SCRIPT.py or -m MODULE: the script runs as __main__ in every worker with its own arguments,
@@ -174,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mem.add_argument("--steps", type=_positive, help="optimizer steps to watch (our job: 300; a script: all)")
+    top = sub.add_parser(
+        "top", parents=[common], help="live per-rank view of a training job (step, phases, memory, flags)"
+    )
+    top.add_argument(
+        "run_dir",
+        nargs="?",
+        metavar="RUN_DIR",
+        help="a run directory (default: the newest under run.out_dir)",
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one snapshot and exit (the default without a terminal)"
+    )
     bench = sub.add_parser("bench", parents=[common], help="benchmarks")
     bench.add_argument(
         "what",

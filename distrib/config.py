@@ -29,6 +29,7 @@ from distrib.schema import (  # noqa: F401 - re-exported: `from distrib.config i
     DataSection,
     DistSection,
     LaunchSection,
+    LoggingSection,
     MemorySection,
     ModelSection,
     OptimSection,

@@ -389,6 +389,17 @@ class TimingSection:
 
 
 @dataclass(frozen=True)
+class LoggingSection:
+    """Where train's figures go besides steps.csv, metrics.csv and the per-rank CSVs."""
+
+    tensorboard: bool = _f(
+        False,
+        "Write TensorBoard event files under <run dir>/tensorboard/rank<N> (needs the [tb] extra); view "
+        "them with: tensorboard --logdir runs",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration: one frozen value passed explicitly."""
 
@@ -403,3 +414,4 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     memory: MemorySection = field(default_factory=MemorySection)
     timing: TimingSection = field(default_factory=TimingSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)

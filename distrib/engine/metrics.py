@@ -83,6 +83,10 @@ class StepLog(Hook):
 
     def _write(self, run: Run, loss: float, rate: float, eta: float) -> None:
         prog, lr = run.prog, run.eng.lr
+        if run.board is not None:
+            run.board.scalars(
+                prog.global_step, {"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}
+            )
         log.info(
             "epoch %d/%d step %d/%d loss %.4f lr %.4g %.0f img/s ETA %s",
             prog.epoch + 1,
@@ -173,6 +177,8 @@ def end_of_epoch(run: Run) -> dict[str, Any]:
             "per_class": val["per_class"],
         }
     )
+    if run.board is not None and ctx.is_main:
+        run.board.scalars(prog.global_step, epoch_figures(train, val))
     shown = f"val loss {val['loss']:.4f} acc {val['acc']:.4f}" if val["images"] else "no validation set"
     log.info(
         "epoch %d/%d train loss %.4f acc %.4f | %s | %.0f img/s",
@@ -184,6 +190,18 @@ def end_of_epoch(run: Run) -> dict[str, Any]:
         train["images_per_s"],
     )
     return val
+
+
+def epoch_figures(train: dict[str, Any], val: dict[str, Any]) -> dict[str, float | None]:
+    """An epoch's figures under TensorBoard's ``epoch/`` tags (validation's left out without a val set)."""
+    seen = bool(val["images"])
+    return {
+        "epoch/train_loss": train["loss"],
+        "epoch/train_acc": train["acc"],
+        "epoch/images_per_s": train["images_per_s"],
+        "epoch/val_loss": val["loss"] if seen else None,
+        "epoch/val_acc": val["acc"] if seen else None,
+    }
 
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:

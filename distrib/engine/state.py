@@ -20,6 +20,7 @@ from datasets.ledger import Ledger
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
+from distrib.engine.board import Board
 from distrib.engine.step import Engine
 from distrib.engine.stopvote import StopVote
 from distrib.errors import CheckpointWriteError, EchoedError, LaunchError
@@ -97,10 +98,12 @@ class Run:
     watch: Watch = field(default_factory=Watch)  # the step and operation in progress (hang diagnosis)
     ledger: Ledger | None = None  # the sample ledger of the epoch in progress (train; not benchmarks)
     clock: StepClock | None = None  # the step's phase times (timing.enabled)
+    board: Board | None = None  # this rank's TensorBoard writer (logging.tensorboard)
     vote: StopVote = field(init=False)  # the stop flags of every rank, agreed a step later
 
     def __post_init__(self) -> None:
         self.vote = StopVote(self.ctx, self.stop)
+        self.vote.fold_into(self.eng.model)  # under DDP the flags ride in the gradient all-reduce
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -38,7 +38,9 @@ from distrib import hang, signals
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
+from distrib.engine.board import open_board, writer_class
 from distrib.engine.elastic import apply, change_line, plan_batches, saved_plan
+from distrib.engine.live import LiveHook, Plan
 from distrib.engine.metrics import StepLog, end_of_epoch, finish, planned_epochs, trim_steps, write_metrics
 from distrib.engine.state import EpochSums, Hook, Run, preflight, resume, resume_path, save
 from distrib.engine.step import (
@@ -144,7 +146,7 @@ def train_epoch(run: Run) -> bool:
         run.watch.at("the step's hooks (logging, memory monitor)")
         for hook in run.hooks:
             hook.after_step(run)
-        run.watch.at("the stop vote (an all-reduce started a step earlier)")
+        run.watch.at("the stop vote")
         stopping = run.vote.at_step()
         if stopping or _save_due(run):
             prog.epoch_sums = sums.as_list()
@@ -261,6 +263,8 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     resume_from = cfg.checkpoint.resume
     if resume_from not in ("", "auto") and not Path(resume_from).is_file():  # before organize and stats
         raise LaunchError(f"checkpoint {resume_from} does not exist (checkpoint.resume / --resume)")
+    if cfg.logging.tensorboard:
+        writer_class()  # a missing [tb] extra is an error before any work
     set_determinism(cfg)
     mgr = ck.CheckpointManager(cfg.checkpoint.folder(run_dir), cfg.checkpoint.keep_last)
     path = resume_path(ctx, cfg, mgr.folder)
@@ -280,6 +284,7 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
         resume(run, state, path)
         if ctx.is_main:
             trim_steps(run_dir / "steps.csv", run.prog.global_step)
+    run.board = open_board(run_dir, ctx.rank, cfg.logging.tensorboard, run.prog.global_step)
     if ctx.is_main:
         write_class_map(feed.classes, run_dir / "classes.json")
         if not path:
@@ -300,6 +305,11 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
     )
     timing = start_timing(run)
     monitor = start_monitor(run) if cfg.memory.enabled else None
+    plan = Plan(
+        total_steps(cfg, steps), planned_epochs(cfg, steps), cfg.data.batch_size * cfg.train.accum_steps
+    )
+    live = LiveHook(ctx, run_dir, plan, timing, monitor)
+    run.hooks.append(live)
     watchdog = start_watchdog(run)
     try:
         guarded_epochs(run, watchdog)
@@ -308,7 +318,13 @@ def train_run(ctx: DistContext, cfg: Config, run_dir: Path) -> int:
             watchdog.stop()
         if timing is not None:
             timing.write()  # a stop or an error keeps the rows timed since the last window
-        memory = finish_monitor(run, monitor, together=ended_together(sys.exc_info()[1]))
+        error = sys.exc_info()[1]
+        memory = finish_monitor(run, monitor, together=ended_together(error))
+        if run.board is not None:
+            run.board.close()
+        live.write(
+            run, "finished" if error is None else "stopped" if isinstance(error, Stopped) else "failed"
+        )
     extra = {"memory": memory} if memory else {}
     finish(run, extra | ({"timing": timing.summary()} if timing is not None else {}))
     return 0
@@ -362,13 +378,31 @@ def start_watchdog(run: Run) -> hang.Watchdog | None:
 
 
 class MemoryHook(Hook):
-    """Hands every optimizer step to the memory monitor."""
+    """Hands every optimizer step to the memory monitor; at its checks, the readings to TensorBoard."""
 
     def __init__(self, monitor: Monitor):
         self.monitor = monitor
+        self.leak_shown = False
 
     def after_step(self, run: Run) -> None:
-        self.monitor.on_step(run.prog.global_step)
+        step = run.prog.global_step
+        self.monitor.on_step(step)
+        if run.board is None or step % self.monitor.settings.check_every:
+            return
+        rows = self.monitor.rows
+        run.board.scalars(step, {f"memory/{c}_mb": _mb(rows[c][-1]) for c in BOARD_MEMORY})
+        found = self.monitor.finding
+        if found is not None and found.verdict.leak and not self.leak_shown:
+            self.leak_shown = True
+            run.board.scalars(step, {"events/leak": 1})
+            run.board.event("events/leak", step, found.line(run.ctx.rank, str(run.ctx.device)))
+
+
+BOARD_MEMORY = ("alloc", "reserved", "host", "heap", "rss", "uss", "workers_rss", "gpu_process", "gpu_device")
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 2**20
 
 
 def start_monitor(run: Run) -> Monitor:

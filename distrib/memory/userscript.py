@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from distrib.config import Config
+from distrib.config import Config, TimingSection
 from distrib.context import DistContext
 from distrib.errors import LEAK_EXIT, LaunchError, LeakError
 from distrib.memory.monitor import Monitor, Where
@@ -162,11 +162,14 @@ def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, 
     """One rank: preflight, the monitor around the script, the verdict; the script's exit code."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    from distrib.timing.script import ScriptTiming
+
     preflight_gpu(ctx, cfg.memory, set())
     where = Where(ctx.rank, ctx.world_size, ctx.device, cuda_index(ctx), run_dir)
     monitor = Monitor(where, cfg.memory, user_agree(ctx)).start()
     counter = StepCounter(monitor, max_steps)
     handle = register_optimizer_step_post_hook(counter)
+    timing = ScriptTiming(ctx, run_dir).install() if cfg.timing.enabled else None
     log.info("running %s %s under the memory monitor", target.name, " ".join(target.args))
     code, own, raised = 0, True, None
     term = TermGuard().install()
@@ -183,10 +186,12 @@ def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, 
     finally:
         term.running = False
         handle.remove()
+        if timing is not None:
+            timing.finish()  # before the memory report: rank 0 waits for those, then reads these
         monitor.finish({"code": code, "from": "script" if own else "monitor"})
     if counter.steps == 0:
         log.info("the script made no optimizer step: memory was judged on %s samples", "time")
-    code = conclude(ctx, run_dir, Outcome(code, own), target, term)
+    code = conclude(ctx, run_dir, Outcome(code, own), target, term, cfg.timing if timing else None)
     if raised is not None:
         raise raised  # the script's own traceback, as python would show it
     return code
@@ -235,7 +240,12 @@ class Outcome:
 
 
 def conclude(
-    ctx: DistContext, run_dir: Path, outcome: Outcome, target: Target | None, term: TermGuard | None = None
+    ctx: DistContext,
+    run_dir: Path,
+    outcome: Outcome,
+    target: Target | None,
+    term: TermGuard | None = None,
+    timing: TimingSection | None = None,
 ) -> int:
     """Rank 0 puts the ranks side by side (summary.json, memory.png, the table) and says where the
     exit code comes from. It waits for the other ranks' reports only on a clean exit: after a
@@ -257,11 +267,21 @@ def conclude(
     }
     if target is not None:
         record["target"] = {"name": target.name, "args": list(target.args)}
+    if timing is not None and (steps := script_timing(run_dir, ctx.world_size, timing)) is not None:
+        record["timing"] = steps
     (run_dir / "summary.json").write_text(json.dumps(record, indent=2))
     line = Outcome(record["exit_code"], record["exit_from"] == "script").explain(summary["leak_ranks"])
     sys.stdout.write(verdict_table(reports) + f"\nmemory files: {run_dir}\n{line}\n")
     sys.stdout.flush()
     return outcome.code
+
+
+def script_timing(run_dir: Path, world: int, settings: TimingSection) -> dict[str, Any] | None:
+    from distrib.timing.script import (
+        judge_files,  # torch: never in the launcher, which parses run's argv here
+    )
+
+    return judge_files(run_dir, world, settings)
 
 
 def memcheck_job(ctx: DistContext, cfg: Config, run_dir: Path, *, steps: int) -> int:

@@ -68,7 +68,12 @@ class TimingHook(Hook):
         mine = WindowStats.of(self.ctx.rank, self.node, str(self.ctx.device), rows, gpu_reading(self.ctx))
         stats = gather_objects(self.ctx, mine)
         self.windows += len(stats) > 1
+        if run.board is not None:
+            run.board.scalars(run.prog.global_step, board_figures(mine))
         for episode in self.judge.window(stats, run.prog.global_step):
+            if run.board is not None and self.ctx.is_main:
+                run.board.scalars(run.prog.global_step, {"events/straggler_rank": episode.rank})
+                run.board.event("events/straggler", run.prog.global_step, episode.message)
             if self.settings.on_straggler == "fail":  # every rank judged alike: rank 0 says it once
                 error = StragglerError if self.ctx.is_main else EchoedStragglerError
                 raise error(f"{episode.message} (timing.on_straggler = fail)")
@@ -118,6 +123,16 @@ class TimingHook(Hook):
             )
         found = len(self.judge.episodes)
         return f"{self.windows} window(s) of {self.settings.window} steps compared; {found} episode(s)"
+
+
+def board_figures(mine: WindowStats) -> dict[str, float | None]:
+    """A window's medians under TensorBoard's ``time/`` tags: phases in ms, CPU and run-queue shares."""
+    m = mine.medians
+    return {
+        **{f"time/{k}_ms": 1000 * m[k] for k in ("wall", *PHASES)},
+        "time/cpu_per_s": m["cpu"],
+        "time/queue_share": m["queue"],
+    }
 
 
 def gpu_reading(ctx: DistContext) -> dict[str, Any]:

@@ -1,7 +1,11 @@
-"""A user's own training script: its own process group, DDP and optimizer. LEAK=graph|numpy|none."""
+"""A user's own training script: its own process group, DDP and optimizer. LEAK=graph|numpy|none.
+
+LOADER=1: each step first takes an (index) batch from a torch DataLoader, whose dataset sleeps
+SLOW_S seconds per item on rank SLOW_DATA_RANK (a starved loader on one rank)."""
 
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -24,7 +28,26 @@ if distributed:
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 x, y = torch.randn(64, 64, device=device), torch.randint(0, 100, (64,), device=device)  # a fixed batch
 history = []
+
+
+class Indices(torch.utils.data.Dataset):
+    def __init__(self, pause: float):
+        self.pause = pause
+
+    def __len__(self) -> int:
+        return steps
+
+    def __getitem__(self, i: int) -> int:
+        time.sleep(self.pause)
+        return i
+
+
+slow = os.environ.get("RANK", "0") == os.environ.get("SLOW_DATA_RANK")
+pause = float(os.environ.get("SLOW_S", "0")) if slow else 0.0
+batches = iter(torch.utils.data.DataLoader(Indices(pause))) if os.environ.get("LOADER") else None
 for step in range(steps):
+    if batches is not None:
+        next(batches)
     out = model(x)
     loss = nn.functional.cross_entropy(out, y)
     opt.zero_grad()
