@@ -259,20 +259,20 @@ def ledger_cost(ctx: Any, run: Run, steps: int) -> list[float]:
 def timing_cost(run: Run) -> list[float]:
     """[seconds of the step breakdown's own work per step, seconds of its per-window gather].
 
-    Its per-step work (the clock's marks, one post-accumulate-grad hook call per parameter, the
-    row) is timed by repeating it without the step it measures; the window's gather and file
-    write (every timing.window steps) by calling the hook at a window's step.
+    Its per-step work (the clock's marks, the post-accumulate-grad hook left on the parameter
+    accumulated last, the row) is timed by repeating it without the step it measures; the window's
+    gather and file write (every timing.window steps) by calling the hook at a window's step.
     """
     from distrib.engine.state import Progress
 
     clock = run.clock
     assert clock is not None
-    params = [p for p in run.eng.model.parameters() if p.requires_grad]
+    hooked = [p for p in run.eng.model.parameters() if id(p) in clock._grad_hooks]  # one after step 1
     start = time.perf_counter()
     for k in range(200):
         clock.add("data", 0.0)
         began = clock.begin_forward()
-        for p in params:
+        for p in hooked:
             clock._cpu_grad(p)
         clock.end_backward(began, sync=True)
         with clock.optimizer():

@@ -44,3 +44,19 @@ def test_nvml_reads_clocks_throttle_reasons_and_utilisation() -> None:
     assert isinstance(reading["throttle"], list) and 0 <= reading["util_pct"] <= 100
     assert reading["other_processes"] >= 0
     print(f"NVML: {reading}")
+
+
+def test_a_users_cuda_script_under_run_is_broken_down(tmp_path: Path) -> None:
+    """run on one GPU: the script's own model and optimizer, timed through torch's global hooks with
+    CUDA events (compute and optimizer from the GPU's clock, read a step later)."""
+    from conftest import REPO, clean_env
+
+    script = str(REPO / "tests" / "fakes" / "scripts" / "user_train.py")
+    sets = ("--set", f"run.out_dir={tmp_path}", "--set", "run.name=s")
+    res = launch("run", *sets, script, "60", env=clean_env(DEVICE="cuda", LOADER="1"), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    timing = json.loads((tmp_path / "s" / "summary.json").read_text())["timing"]
+    (medians,) = timing["median_s_per_rank"]
+    assert medians["steps"] == 60 and medians["compute"] > 0 and medians["optimizer"] > 0, medians
+    assert timing["straggler_check"] == "not judged: one rank"
+    print(f"run on CUDA, medians (s): {medians}")

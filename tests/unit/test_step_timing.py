@@ -75,3 +75,23 @@ def test_the_clock_splits_every_step_into_phases_that_add_up_to_its_wall_time() 
         assert sum(row[p] for p in PHASES) == pytest.approx(row["wall"], rel=1e-6)
         assert row["rest"] >= 0.002 and row["data"] == 0.003 and row["compute"] > 0 and row["comm"] == 0
         assert row["cpu"] > 0
+
+
+def test_after_the_first_backward_only_the_last_accumulated_gradient_keeps_its_hook() -> None:
+    """One Python hook per parameter per backward cost ~1% of a CPU step: the clock keeps the one on
+    the parameter accumulated last (the first layer's, in a feed-forward net) and still times comm."""
+    first, last = nn.Linear(64, 64), nn.Linear(64, 4)
+    model = nn.Sequential(first, nn.ReLU(), last)
+    clock = StepClock(model, comm_hooks=True, cuda=False)
+    assert len(clock._grad_hooks) == 4
+    for step in (1, 2):
+        began = clock.begin_forward()
+        model(torch.randn(32, 64)).sum().backward()
+        assert clock.last_grad > began
+        clock.end_backward(began, sync=True)
+        clock.end_step(step)
+        (kept,) = clock._grad_hooks
+        assert kept in (id(first.weight), id(first.bias))
+    assert all(r["comm"] > 0 for r in clock.rows)  # from the last gradient to the end of backward
+    clock.close()
+    assert not clock._grad_hooks
