@@ -10,7 +10,8 @@ in the gradient all-reduce as a share of their step) and the likely cause:
 - a CPU rank whose training thread waited in Linux's run queue for a CPU for a good share of
   its compute (15%), so much more than the others that the wait alone makes it 15% slower
   ((1 - theirs) / (1 - its)) and explains at least half of its slowdown (in log terms): another
-  process shares its cores (its compute and decoding alike);
+  process shares its cores (its compute and decoding alike; a slow data phase only when its
+  compute is slower too);
 - data: its loader is starved (too few workers, a slow disk, slow decoding);
 - compute on a GPU rank: what NVML says (clocks, throttle reasons, utilisation, other processes).
 
@@ -146,8 +147,12 @@ def likely_cause(s: WindowStats, stats: list[WindowStats], phase: str, ratio: fl
     queue, their_queue = s.medians["queue"], others(stats, s.rank, "queue")
     slowdown = (1 - min(their_queue, 0.99)) / max(1 - queue, 0.01)  # from waiting for a CPU alone
     # the wait for a CPU must explain at least half of the slowdown (in log terms): a rank 20x slower
-    # in its data phase that also waited for a CPU is starved first
-    if queue >= SHARED_QUEUE and slowdown >= max(QUEUE_SLOWDOWN, math.sqrt(ratio)):
+    # in its data phase that also waited for a CPU is starved first. The wait is measured during
+    # compute, so a slow data phase is blamed on shared cores only when compute is slowed too (a
+    # tiny compute phase preempted once on a loaded host waits "70%" of it for a CPU)
+    computes_slower = s.medians["compute"] >= QUEUE_SLOWDOWN * others(stats, s.rank, "compute")
+    shared = queue >= SHARED_QUEUE and slowdown >= max(QUEUE_SLOWDOWN, math.sqrt(ratio))
+    if shared and (phase == "compute" or computes_slower):
         return (
             f"it waited {100 * queue:.0f}% of its compute time for a CPU against the others' "
             f"{100 * their_queue:.0f}%, and got {cpu:.2f} s of CPU per second of compute "
