@@ -3,7 +3,7 @@
 Why not Python's defaults: SIGTERM kills a rank mid-step (no checkpoint, and the agent's
 traceback), SIGINT raises KeyboardInterrupt wherever the rank happens to be (53 lines of
 traceback). Here the first signal only sets a flag; the training loop looks at it after
-every optimizer step, every rank agrees (the flags ride in the gradient all-reduce), rank 0 writes a
+every optimizer step, every rank agrees through one small asynchronous all-reduce, rank 0 writes a
 checkpoint and all exit with 128 + the signal's number and one log line.
 """
 

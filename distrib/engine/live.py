@@ -10,6 +10,7 @@ leak and straggler flags are all figures the loop already holds.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -24,6 +25,7 @@ from distrib.memory.monitor import Monitor
 from distrib.timing.clock import PHASES
 from distrib.timing.watch import TimingHook
 
+log = logging.getLogger(__name__)
 EVERY_S = 1.0  # top refreshes once a second
 TREND_ROWS = 200  # memory trend: the slope over the last rows (MB per 100 steps)
 MEMORY_KEYS = ("alloc", "reserved", "host", "rss", "workers_rss", "gpu_process")
@@ -49,6 +51,7 @@ class LiveHook(Hook):
         self.last = 0.0
         self.first_step: int | None = None
         self.node = platform.node()
+        self.writable = True
 
     def after_step(self, run: Run) -> None:
         if self.first_step is None:
@@ -74,8 +77,13 @@ class LiveHook(Hook):
             "phases_ms": self._phases(), **self._memory(), "straggler": self._straggler(),
         }  # fmt: skip
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(status))
-        tmp.replace(self.path)
+        try:
+            tmp.write_text(json.dumps(status))
+            tmp.replace(self.path)
+        except OSError as e:  # a full or read-only disk: top loses its view, the run goes on
+            if self.writable:
+                log.warning("cannot write %s (%s): launch.py top will not follow this rank", self.path, e)
+            self.writable = False
 
     def _phases(self) -> dict[str, float] | None:
         """Medians of the last window's rows (the clock keeps every row; these are its newest)."""

@@ -103,7 +103,6 @@ class Run:
 
     def __post_init__(self) -> None:
         self.vote = StopVote(self.ctx, self.stop)
-        self.vote.fold_into(self.eng.model)  # under DDP the flags ride in the gradient all-reduce
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -146,7 +146,7 @@ def train_epoch(run: Run) -> bool:
         run.watch.at("the step's hooks (logging, memory monitor)")
         for hook in run.hooks:
             hook.after_step(run)
-        run.watch.at("the stop vote")
+        run.watch.at("the stop vote (an all-reduce started a step earlier)")
         stopping = run.vote.at_step()
         if stopping or _save_due(run):
             prog.epoch_sums = sums.as_list()

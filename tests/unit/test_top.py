@@ -88,3 +88,25 @@ def test_without_a_terminal_one_snapshot_is_printed(tmp_path: Path, capsys: pyte
         main_top(str(tmp_path), str(tmp_path), once=True)
     with pytest.raises(LaunchError, match="does not exist"):
         main_top(str(tmp_path / "nope"), str(tmp_path), once=True)
+
+
+def test_a_live_file_that_cannot_be_written_warns_once_and_training_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from distrib.engine.live import LiveHook, Plan
+
+    ctx = SimpleNamespace(rank=0, world_size=1, device="cpu")
+    folder = tmp_path / "gone"  # the run directory vanished (or the disk is full)
+    hook = LiveHook(ctx, folder, Plan(10, 1, 8), None, None)  # type: ignore[arg-type]
+    run = SimpleNamespace(prog=SimpleNamespace(global_step=1, epoch=0))
+    for _ in range(3):
+        hook.write(run, "running")  # type: ignore[arg-type]
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "launch.py top will not follow this rank" in caplog.text and not folder.exists()
+    folder.mkdir()
+    hook = LiveHook(ctx, folder, Plan(10, 1, 8), None, None)  # type: ignore[arg-type]
+    hook.write(run, "finished")  # type: ignore[arg-type]
+    (status,) = read_ranks(folder)
+    assert status["state"] == "finished" and status["step"] == 1 and status["eta_s"] is None
