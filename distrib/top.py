@@ -146,7 +146,8 @@ def live(folder: Path, out: TextIO, interval: float = 1.0) -> None:
 def main_top(run_dir: str | None, out_dir: str, once: bool) -> int:
     folder = Path(run_dir) if run_dir else newest_run(Path(out_dir))
     if not folder.is_dir():
-        raise LaunchError(f"run directory {folder} does not exist (launch.py top RUN_DIR)")
+        what = "is a file, not a run directory" if folder.exists() else "does not exist"
+        raise LaunchError(f"{folder} {what} (launch.py top RUN_DIR: a folder under run.out_dir)")
     if once or not (sys.stdout.isatty() and sys.stdin.isatty()):
         if not read_ranks(folder):
             raise LaunchError(

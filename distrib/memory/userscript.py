@@ -170,6 +170,8 @@ def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, 
     counter = StepCounter(monitor, max_steps)
     handle = register_optimizer_step_post_hook(counter)
     timing = ScriptTiming(ctx, run_dir).install() if cfg.timing.enabled else None
+    if cfg.logging.tensorboard and ctx.is_main:
+        log.warning("logging.tensorboard is train's: a script's figures are in timing_*.csv and memory_*")
     log.info("running %s %s under the memory monitor", target.name, " ".join(target.args))
     code, own, raised = 0, True, None
     term = TermGuard().install()

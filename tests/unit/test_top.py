@@ -88,6 +88,8 @@ def test_without_a_terminal_one_snapshot_is_printed(tmp_path: Path, capsys: pyte
         main_top(str(tmp_path), str(tmp_path), once=True)
     with pytest.raises(LaunchError, match="does not exist"):
         main_top(str(tmp_path / "nope"), str(tmp_path), once=True)
+    with pytest.raises(LaunchError, match="is a file, not a run directory"):
+        main_top(str(folder / "live_rank0.json"), str(tmp_path), once=True)
 
 
 def test_a_live_file_that_cannot_be_written_warns_once_and_training_goes_on(
