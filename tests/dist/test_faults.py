@@ -4,6 +4,7 @@ launcher leaves no rank behind."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import random
@@ -58,6 +59,9 @@ def finish(proc: subprocess.Popen, timeout: float = 200) -> str:
     return out
 
 
+TB = importlib.util.find_spec("tensorboard") is not None
+
+
 def kill_a_rank_at(proc: subprocess.Popen, run_dir: Path, step: int, loader_worker: bool = False) -> None:
     deadline = time.monotonic() + 120
     while steps_logged(run_dir) < step and time.monotonic() < deadline and proc.poll() is None:
@@ -98,8 +102,9 @@ def test_a_killed_worker_restarts_and_resumes_exactly_under_our_launcher(
     """With DataLoader workers: a killed rank's workers hold copies of its sockets and must die
     with it; a killed DataLoader worker (the OOM killer's usual victim) is one line, then a restart."""
     step = random.Random().randint(6, 16)
+    board = f"logging.tensorboard={str(TB).lower()}"  # steps trained twice are drawn once (purge)
     proc = start([sys.executable, LAUNCH, "train", "--nproc-per-node", "2", "--max-restarts", "1",
-                  *tiny(demo, tmp_path, "k", *SETS, "data.num_workers=2")])  # fmt: skip
+                  *tiny(demo, tmp_path, "k", *SETS, "data.num_workers=2", board)])  # fmt: skip
     kill_a_rank_at(proc, tmp_path / "k", step, loader_worker=victim == "loader worker")
     out = finish(proc)
     assert proc.returncode == 0, f"killed at step {step}\n{out[-3000:]}"
@@ -108,6 +113,17 @@ def test_a_killed_worker_restarts_and_resumes_exactly_under_our_launcher(
     if victim == "loader worker":
         assert "[rank 1] ERROR: rank 1: DataLoader worker (pid" in out and "OOM killer" in out, out[-3000:]
     same_run(reference, tmp_path / "k")
+    if TB:  # TensorBoard's reader sees each logged step once, with the loss of steps.csv
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "k" / "tensorboard" / "rank0"), size_guidance={"scalars": 0})
+        acc.Reload()
+        drawn = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+        rows = [
+            (int(r["step"]), float(r["loss"])) for r in csv.DictReader((tmp_path / "k" / "steps.csv").open())
+        ]
+        assert [s for s, _ in drawn] == [s for s, _ in rows], (step, drawn)
+        assert [v for _, v in drawn] == pytest.approx([v for _, v in rows], rel=1e-6)
 
 
 def test_a_killed_worker_restarts_and_resumes_exactly_under_torchrun(
