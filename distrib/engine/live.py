@@ -21,6 +21,7 @@ from typing import Any
 
 from distrib.context import DistContext
 from distrib.engine.state import Hook, Run
+from distrib.memory.detect import theil_sen
 from distrib.memory.monitor import Monitor
 from distrib.timing.clock import PHASES
 from distrib.timing.watch import TimingHook
@@ -96,7 +97,7 @@ class LiveHook(Hook):
         if self.monitor is None or not self.monitor.rows["step"]:
             return {"memory_mb": None, "trend_mb_per_100_steps": None, "leak": None}
         rows = self.monitor.rows
-        latest = {k: _mb(next((v for v in reversed(rows[k]) if v is not None), None)) for k in MEMORY_KEYS}
+        latest = {k: mb(next((v for v in reversed(rows[k]) if v is not None), None)) for k in MEMORY_KEYS}
         found = self.monitor.finding
         leak = found.line(self.ctx.rank, str(self.ctx.device)) if found and found.verdict.leak else None
         return {"memory_mb": latest, "trend_mb_per_100_steps": trend(self.monitor), "leak": leak}
@@ -110,26 +111,15 @@ class LiveHook(Hook):
 
 
 def trend(monitor: Monitor) -> float | None:
-    """MB per 100 steps of the series the leak detector judges (torch's allocator on CUDA, glibc's
-    heap on the CPU, else RSS), least squares over the last rows."""
-    rows = monitor.rows
-    key = (
-        "alloc"
-        if monitor.where.cuda_index is not None
-        else ("host" if rows["host"][-1:] != [None] else "rss")
-    )
-    pairs = [(s, v) for s, v in zip(rows["step"][-TREND_ROWS:], rows[key][-TREND_ROWS:], strict=True)
-             if v is not None]  # fmt: skip
+    """MB per 100 steps of the series the leak detector judges (``Monitor.series``: torch's allocator
+    on CUDA, glibc's heap on the CPU, else RSS), by the detector's own slope (Theil-Sen) over the
+    last rows."""
+    steps, values = monitor.rows["step"][-TREND_ROWS:], monitor.series()["alloc"][-TREND_ROWS:]
+    pairs = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
     if len(pairs) < 3:
         return None
-    xs, ys = [float(s) for s, _ in pairs], [float(v) for _, v in pairs]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    if var == 0:
-        return None
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
-    return 100 * slope / 2**20
+    return 100 * theil_sen([s for s, _ in pairs], [v for _, v in pairs]) / 2**20
 
 
-def _mb(value: float | None) -> float | None:
+def mb(value: float | None) -> float | None:
     return None if value is None else value / 2**20

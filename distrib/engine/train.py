@@ -40,7 +40,7 @@ from distrib.context import DistContext
 from distrib.engine import checkpoint as ck
 from distrib.engine.board import open_board, writer_class
 from distrib.engine.elastic import apply, change_line, plan_batches, saved_plan
-from distrib.engine.live import LiveHook, Plan
+from distrib.engine.live import LiveHook, Plan, mb
 from distrib.engine.metrics import StepLog, end_of_epoch, finish, planned_epochs, trim_steps, write_metrics
 from distrib.engine.state import EpochSums, Hook, Run, preflight, resume, resume_path, save
 from distrib.engine.step import (
@@ -390,7 +390,7 @@ class MemoryHook(Hook):
         if run.board is None or step % self.monitor.settings.check_every:
             return
         rows = self.monitor.rows
-        run.board.scalars(step, {f"memory/{c}_mb": _mb(rows[c][-1]) for c in BOARD_MEMORY})
+        run.board.scalars(step, {f"memory/{c}_mb": mb(rows[c][-1]) for c in BOARD_MEMORY})
         found = self.monitor.finding
         if found is not None and found.verdict.leak and not self.leak_shown:
             self.leak_shown = True
@@ -399,10 +399,6 @@ class MemoryHook(Hook):
 
 
 BOARD_MEMORY = ("alloc", "reserved", "host", "heap", "rss", "uss", "workers_rss", "gpu_process", "gpu_device")
-
-
-def _mb(value: float | None) -> float | None:
-    return None if value is None else value / 2**20
 
 
 def start_monitor(run: Run) -> Monitor:

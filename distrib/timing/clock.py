@@ -40,6 +40,11 @@ COLUMNS = ("step", "wall", *PHASES, "cpu", "queue")
 SCHEDSTAT = Path("/proc/thread-self/schedstat")  # Linux: this thread's CPU time and run-queue wait, ns
 
 
+def csv_row(row: dict[str, float]) -> list[object]:
+    """A row of timing_rank<N>.csv: the step, then COLUMNS' seconds to the microsecond."""
+    return [int(row["step"]), *(f"{row[k]:.6f}" for k in COLUMNS[1:])]
+
+
 def run_queue_wait() -> float:
     """Seconds this thread has waited for a CPU while runnable (0 where Linux does not say)."""
     try:

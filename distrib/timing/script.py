@@ -32,8 +32,8 @@ from typing import Any
 
 from distrib.config import TimingSection
 from distrib.context import DistContext
-from distrib.timing.clock import COLUMNS, PHASES, StepClock
-from distrib.timing.straggler import Judge, WindowStats
+from distrib.timing.clock import COLUMNS, PHASES, StepClock, csv_row
+from distrib.timing.straggler import Judge, WindowStats, straggler_check
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +139,31 @@ def write_rows(path: Path, rows: list[dict[str, float]]) -> None:
         out = csv.writer(fh)
         out.writerow(COLUMNS)
         for row in rows:
-            out.writerow([int(row["step"]), *(f"{row[k]:.6f}" for k in COLUMNS[1:])])
+            out.writerow(csv_row(row))
 
 
 def read_rank(run_dir: Path, rank: int) -> tuple[dict[str, Any], list[dict[str, float]]] | None:
-    where, rows = run_dir / f"timing_rank{rank}.json", run_dir / f"timing_rank{rank}.csv"
-    if not (where.is_file() and rows.is_file()):
+    """A rank's place and rows; rows cut short or damaged are left out with a warning (a rank killed
+    while writing), and a rank without readable files is left out of the comparison."""
+    where, path = run_dir / f"timing_rank{rank}.json", run_dir / f"timing_rank{rank}.csv"
+    if not (where.is_file() and path.is_file()):
         return None
-    with rows.open(newline="") as fh:
-        return json.loads(where.read_text()), [
-            {k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)
-        ]
+    try:
+        place = json.loads(where.read_text())
+        place = {"rank": int(place["rank"]), "node": str(place["node"]), "device": str(place["device"])}
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("%s is damaged (%s): rank %d is left out of the timing comparison", where, e, rank)
+        return None
+    rows, bad = [], 0
+    with path.open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            try:
+                rows.append({k: float(r[k]) for k in COLUMNS})
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+    if bad:
+        log.warning("%s: %d row(s) cut short or damaged, left out", path, bad)
+    return place, rows
 
 
 def judge_files(run_dir: Path, world: int, settings: TimingSection) -> dict[str, Any] | None:
@@ -174,11 +188,7 @@ def judge_files(run_dir: Path, world: int, settings: TimingSection) -> dict[str,
         windows += len(stats) > 1
         for episode in judge.window(stats, end):
             log.warning("%s", episode.message)
-    check = (
-        "not judged: one rank"
-        if len(ranks) < 2
-        else f"{windows} window(s) of {n} steps compared; {len(judge.episodes)} episode(s)"
-    )
+    check = straggler_check(len(ranks), windows, n, settings.patience, len(judge.episodes))
     return {
         "median_s_per_rank": medians,
         "stragglers": [e.as_dict() for e in judge.episodes],

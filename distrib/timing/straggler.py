@@ -101,6 +101,18 @@ class Judge:
         return started
 
 
+def straggler_check(ranks: int, windows: int, window: int, patience: int, episodes: int) -> str:
+    """What "no straggler" rests on: the windows compared, or why none could be judged."""
+    if ranks < 2:
+        return "not judged: one rank"
+    if windows < patience:
+        return (
+            f"not judged: {windows} window(s) of {window} steps compared, fewer than timing.patience "
+            f"({patience})"
+        )
+    return f"{windows} window(s) of {window} steps compared; {episodes} episode(s)"
+
+
 def others(stats: list[WindowStats], rank: int, key: str) -> float:
     return statistics.median(s.medians[key] for s in stats if s.rank != rank)
 

@@ -22,8 +22,8 @@ from distrib.engine.metrics import trim_steps
 from distrib.engine.state import Hook, Run
 from distrib.errors import EchoedError, LaunchError
 from distrib.process_group import gather_objects
-from distrib.timing.clock import COLUMNS, PHASES, StepClock
-from distrib.timing.straggler import Judge, WindowStats
+from distrib.timing.clock import COLUMNS, PHASES, StepClock, csv_row
+from distrib.timing.straggler import Judge, WindowStats, straggler_check
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class TimingHook(Hook):
             if new:
                 out.writerow(COLUMNS)
             for row in self.clock.rows[self.written :]:
-                out.writerow([int(row["step"]), *(f"{row[k]:.6f}" for k in COLUMNS[1:])])
+                out.writerow(csv_row(row))
         self.written = len(self.clock.rows)
 
     def summary(self) -> dict[str, Any]:
@@ -113,16 +113,10 @@ class TimingHook(Hook):
 
     def verdict(self) -> str:
         """What "no straggler" rests on: windows judged, or why none could be."""
-        if self.ctx.world_size < 2:
-            return "not judged: one rank"
-        patience = self.settings.patience
-        if self.windows < patience:
-            return (
-                f"not judged: {self.windows} window(s) of {self.settings.window} steps compared, fewer than "
-                f"timing.patience ({patience})"
-            )
-        found = len(self.judge.episodes)
-        return f"{self.windows} window(s) of {self.settings.window} steps compared; {found} episode(s)"
+        s = self.settings
+        return straggler_check(
+            self.ctx.world_size, self.windows, s.window, s.patience, len(self.judge.episodes)
+        )
 
 
 def board_figures(mine: WindowStats) -> dict[str, float | None]:

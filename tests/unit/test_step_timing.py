@@ -109,3 +109,40 @@ def test_a_data_straggler_whose_compute_is_not_slower_is_starved_whatever_its_qu
     j = judge(patience=1)
     (e,) = j.window([stats(0, data=0.002), stats(1, compute=0.03, data=0.03, queue=0.8)], 5)
     assert "its cores are shared" in e.cause, e.cause
+
+
+def test_run_files_cut_short_are_read_as_far_as_they_go_and_too_few_windows_are_not_judged(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """run's comparison after the script: rank files written as the script's ranks write them; one
+    cut in the middle of a row (a rank killed while writing), one place file overwritten."""
+    import json
+
+    from distrib.config import TimingSection
+    from distrib.timing.script import judge_files, write_rows
+
+    def rows(n: int, data: float) -> list[dict[str, float]]:
+        return [{"step": k, "wall": 0.03, "data": data, "compute": 0.02, "comm": 0.002, "optimizer": 0.001,
+                 "rest": 0.001, "cpu": 1.0, "queue": 0.0} for k in range(1, n + 1)]  # fmt: skip
+
+    for rank, data in ((0, 0.001), (1, 0.02)):
+        write_rows(tmp_path / f"timing_rank{rank}.csv", rows(40, data))
+        (tmp_path / f"timing_rank{rank}.json").write_text(
+            json.dumps({"rank": rank, "node": "n", "device": "cpu"})
+        )
+    settings = TimingSection(window=10, patience=3)
+    assert (
+        judge_files(tmp_path, 2, settings)["straggler_check"]
+        == "4 window(s) of 10 steps compared; 1 episode(s)"
+    )
+    path = tmp_path / "timing_rank1.csv"
+    path.write_bytes(path.read_bytes()[: -len(path.read_text().splitlines()[-1]) // 2 - 1])  # mid-row
+    cut = judge_files(tmp_path, 2, settings)
+    assert cut["median_s_per_rank"][1]["steps"] == 39 and "1 row(s) cut short or damaged" in caplog.text
+    assert cut["straggler_check"] == "3 window(s) of 10 steps compared; 1 episode(s)"
+    write_rows(path, rows(25, 0.02))  # two windows only: patience 3 cannot be met
+    check = judge_files(tmp_path, 2, settings)["straggler_check"]
+    assert check == "not judged: 2 window(s) of 10 steps compared, fewer than timing.patience (3)"
+    (tmp_path / "timing_rank0.json").write_text("{")
+    alone = judge_files(tmp_path, 2, settings)
+    assert alone["straggler_check"] == "not judged: one rank" and "rank 0 is left out" in caplog.text
