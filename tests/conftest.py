@@ -25,6 +25,7 @@ LAUNCH = str(REPO / "launch.py")
 FAKE_NVML = str(REPO / "tests" / "fakes" / "nvml")
 PROBE = str(REPO / "tests" / "fakes" / "probe")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, from this interpreter
+TORCHRUN_MODULE = "torch.distributed.run"
 # variables a developer's shell (or CI) might carry that would change what a test means
 _STRIP_PREFIXES = ("CUDA_", "SLURM_", "TORCHELASTIC_", "NCCL_", "FAKE_NVML", "TORCH_IMPORT_PROBE")
 _STRIP = (*LAUNCHER_VARS, "PYTHONPATH")
@@ -58,12 +59,25 @@ def pid_alive(pid: int) -> bool:
 
 
 def run(
-    cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 90, cwd: Path | str = REPO
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 90,
+    cwd: Path | str = REPO,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in its own session; kill the whole session on timeout; check none is left."""
+    """Run ``cmd`` in its own session; kill the whole session on timeout; check none is left.
+
+    A torchrun command line (``TORCHRUN ...``) is forked by the fork server, its launch.py ranks too
+    (torchrun's own ``main``: its agent, rendezvous and worker handling), unless ``fresh``, the
+    environment's PYTHONPATH needs a fresh interpreter or TEST_FRESH_INTERPRETERS=1."""
+    env = env or clean_env()
+    server = None if fresh or list(cmd[: len(TORCHRUN)]) != TORCHRUN else forking_zygote(env)
+    if server is not None:
+        return forked(server, list(cmd[len(TORCHRUN) :]), env, timeout, module=TORCHRUN_MODULE)
     proc = subprocess.Popen(
         list(cmd),
-        env=env or clean_env(),
+        env=env,
         cwd=cwd,
         text=True,
         stdout=subprocess.PIPE,
@@ -128,24 +142,37 @@ class ForkedProc:
     """The parts of subprocess.Popen the tests use, for a launch.py run forked by the fork server:
     stdout and stderr together through a FIFO (as stderr=STDOUT), the exit code from the server."""
 
-    def __init__(self, server: str, args: list[str], env: dict[str, str], fork_ranks: bool = True):
+    def __init__(
+        self,
+        server: str,
+        args: list[str],
+        env: dict[str, str],
+        fork_ranks: bool = True,
+        module: str = "",
+        log: Path | None = None,
+    ):
         import tempfile
         import threading
 
-        self.args = [sys.executable, LAUNCH, *args]
+        self.args = [*(TORCHRUN if module else [sys.executable, LAUNCH]), *args]
         self.returncode: int | None = None
         self._tmp = tempfile.mkdtemp(prefix="forked-")
-        fifo = os.path.join(self._tmp, "out")
-        os.mkfifo(fifo)
+        self.registry = Path(self._tmp, "ranks")  # the forked ranks: a file per pid (tests/zygote.py)
+        self.registry.mkdir()
+        out = str(log) if log else os.path.join(self._tmp, "out")
+        if not log:
+            os.mkfifo(out)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.connect(server)
         self._stream = self._sock.makefile("rw")
-        request = {"args": args, "env": env, "cwd": str(REPO), "out": fifo, "err": fifo}
-        request["fork_ranks"] = fork_ranks
+        request = {"args": args, "env": env, "cwd": str(REPO), "out": out, "err": out, "module": module,
+                   "fork_ranks": fork_ranks, "registry": str(self.registry)}  # fmt: skip
         self._stream.write(json.dumps(request) + "\n")
         self._stream.flush()
-        self.pid = int(self._stream.readline())
-        self.stdout = open(fifo)  # noqa: SIM115 - open until the run's last writer closes it
+        pid, helper = self._stream.readline().split()
+        self.pid, self.helper = int(pid), int(helper)
+        # stderr joined to stdout, in a FIFO read by ``communicate`` (or in ``log``, as a file)
+        self.stdout = open(os.devnull if log else out)  # noqa: SIM115 - open until the last writer closes it
         self._done = threading.Event()
         threading.Thread(target=self._wait_for_code, daemon=True).start()
 
@@ -153,6 +180,7 @@ class ForkedProc:
         line = self._stream.readline()
         self.returncode = int(line) if line.strip() else -signal.SIGKILL
         self._sock.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)  # the FIFO is open already; no rank is left to find
         self._done.set()
 
     def poll(self) -> int | None:
@@ -182,19 +210,55 @@ class ForkedProc:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
 
+    def tree(self) -> list:
+        """Every process of the job: the run's descendants, and its rank forker with the forked ranks
+        and their children (the forker is the run's sibling: tests/zygote.py)."""
+        import psutil
+
+        found = []
+        for pid in (self.pid, self.helper):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                top = psutil.Process(pid)
+                found += ([top] if pid == self.helper else []) + top.children(recursive=True)
+        return found
+
+    def forked_ranks(self) -> dict[int, str]:
+        """pid -> LOCAL_RANK of every rank the forker started (ended ones included)."""
+        return {int(f.name): f.read_text() for f in self.registry.iterdir()} if self.registry.is_dir() else {}
+
 
 def start_launch(
-    args: list[str], env: dict[str, str], fork_ranks: bool = True
+    args: list[str],
+    env: dict[str, str],
+    fork_ranks: bool = True,
+    torchrun: bool = False,
+    log: Path | None = None,
 ) -> subprocess.Popen | ForkedProc:
-    """``python launch.py *args`` running in the background, its output in ``.stdout`` (stderr
-    joined): forked by the fork server unless ``env``'s PYTHONPATH needs a fresh interpreter. Without
-    ``fork_ranks`` its ranks are fresh interpreters, children of the launcher (tests that find
-    ranks in the launcher's process tree)."""
+    """``python launch.py *args`` (``torchrun *args`` with ``torchrun``) running in the background, its
+    own session, stderr joined to stdout: in ``.stdout``, or written to ``log``. Forked by the fork
+    server unless ``env``'s PYTHONPATH needs a fresh interpreter; its launch.py ranks too unless not
+    ``fork_ranks`` (then fresh interpreters, children of the launcher: tests whose subject is the
+    real process tree). :func:`job_tree` and :func:`ranks_of` find the ranks either way."""
     server = forking_zygote(env)
     if server is None:
-        return subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=env, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    return ForkedProc(server, args, env, fork_ranks)
+        cmd = [*(TORCHRUN if torchrun else [sys.executable, LAUNCH]), *args]
+        out = log.open("w") if log else subprocess.PIPE
+        try:
+            return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out,
+                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        finally:
+            if log:
+                out.close()  # type: ignore[union-attr]
+    return ForkedProc(server, args, env, fork_ranks, TORCHRUN_MODULE if torchrun else "", log)
+
+
+def job_tree(proc: subprocess.Popen | ForkedProc) -> list:
+    """Every process of a job started by :func:`start_launch` (its ranks however they were started)."""
+    import psutil
+
+    if isinstance(proc, ForkedProc):
+        return proc.tree()
+    return psutil.Process(proc.pid).children(recursive=True)
 
 
 _ZYGOTE: dict[str, object] = {}
@@ -234,21 +298,21 @@ def zygote() -> str | None:
 
 
 def forked(
-    server: str, args: list[str], env: dict[str, str], timeout: float
+    server: str, args: list[str], env: dict[str, str], timeout: float, module: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    """One launch.py run forked by the fork server; its session is killed on timeout, and no process
-    may be left in it afterwards (as :func:`run` checks)."""
+    """One launch.py run (or, with ``module``, a torchrun run) forked by the fork server; its
+    session is killed on timeout, and no process may be left in it afterwards (as :func:`run` checks)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        request = {"args": args, "env": env, "cwd": str(REPO), "out": out, "err": err}
+        request = {"args": args, "env": env, "cwd": str(REPO), "out": out, "err": err, "module": module}
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(server)
             stream = sock.makefile("rw")
             stream.write(json.dumps(request) + "\n")
             stream.flush()
-            pid = int(stream.readline())
+            pid = int(stream.readline().split()[0])
             sock.settimeout(timeout)
             try:
                 code = int(stream.readline())
@@ -264,14 +328,30 @@ def forked(
             os.killpg(pid, signal.SIGKILL)
             raise AssertionError(f"processes left running in the session of launch.py {args}")
         with open(out) as fo, open(err) as fe:
-            return subprocess.CompletedProcess([sys.executable, LAUNCH, *args], code, fo.read(), fe.read())
+            cmd = [*(TORCHRUN if module else [sys.executable, LAUNCH]), *args]
+            return subprocess.CompletedProcess(cmd, code, fo.read(), fe.read())
 
 
 def ranks_of(proc: subprocess.Popen | ForkedProc, loader_workers: bool = False) -> dict:
-    """The job's ranks by LOCAL_RANK (the agent's children), or one DataLoader worker of each."""
+    """The job's running ranks by LOCAL_RANK (the agent's children, or the ranks the fork server's
+    rank forker started), or one DataLoader worker of each."""
     found = {}
     import psutil
 
+    def running(p: psutil.Process) -> bool:  # a worker that ended but is not reaped yet cannot be killed
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            return p.status() != psutil.STATUS_ZOMBIE
+        return False
+
+    forked = proc.forked_ranks() if isinstance(proc, ForkedProc) else {}
+    for pid, local in forked.items():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            rank = psutil.Process(pid)
+            workers = [w for w in rank.children() if running(w)] if loader_workers else [rank]
+            if workers and running(rank):
+                found[local] = workers[0]
+    if forked:
+        return found
     for child in psutil.Process(proc.pid).children(recursive=True):
         try:
             env, parent = child.environ(), child.parent()

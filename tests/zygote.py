@@ -9,8 +9,13 @@ not the same as a fresh interpreter: modules are imported before ``launch.main``
 CUDA variables (harmless without a GPU, and the tests of that order start a real interpreter),
 and a PYTHONPATH given to a run (the fakes) needs a fresh interpreter, so conftest starts one.
 
-Protocol (one request at a time, over a Unix socket): a JSON line {args, env, cwd, out, err}
-in; the child's pid, then its exit code, out, one line each.
+Protocol (a connection per request, served concurrently: the nodes of a multi-node job start
+together): a JSON line {args, env, cwd, out, err[, module, fork_ranks, registry]} in; "PID HELPER"
+(the run's pid, its rank forker's pid or -1), then its exit code, out, one line each. ``module``
+"torch.distributed.run" runs torchrun's own ``main`` instead of launch.py's (``python -m
+torch.distributed.run ARGS``); ``registry``: a folder where each forked rank leaves a file named
+by its pid holding its LOCAL_RANK (a forked rank's /proc environ is the server's, so the tests
+find ranks there rather than by their variables).
 """
 
 from __future__ import annotations
@@ -90,11 +95,36 @@ def child(request: dict, forker: socket.socket | None) -> None:
             os.close(target)
         apply_pythonpath()
         if forker is not None:
-            RankForker.install(forker)
+            RankForker.install(forker, request.get("registry"))
     except BaseException:  # noqa: BLE001 - reported as the script would report it
         traceback.print_exc()
         os._exit(1)
+    if request.get("module") == "torch.distributed.run":
+        run_torchrun(request["args"])
     run_launch(request["args"])
+
+
+def run_torchrun(args: list[str]) -> None:
+    """``python -m torch.distributed.run *args`` (torchrun's own agent and rendezvous); never returns."""
+    code = 1
+    try:
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - for the whole process
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        import torch.distributed.run as torchrun
+
+        sys.argv = [torchrun.__file__, *args]
+        torchrun.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - as the interpreter reports an uncaught error
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 def run_launch(args: list[str]) -> None:
@@ -158,10 +188,10 @@ class RankForker:
     rank interpreters.
     """
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, registry: str | None = None):
         import threading
 
-        self.sock = sock
+        self.sock, self.registry = sock, registry
         self.codes: dict[int, int] = {}
         self.ended = threading.Condition()
         self.started: list[int] = []
@@ -169,9 +199,9 @@ class RankForker:
         threading.Thread(target=self._read, daemon=True, name="rank-forker").start()
 
     @classmethod
-    def install(cls, sock: socket.socket) -> None:
+    def install(cls, sock: socket.socket, registry: str | None = None) -> None:
         """Route the agent's rank starts to the helper at the other end of ``sock``."""
-        forker = cls(sock)
+        forker = cls(sock, registry)
         from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
 
         original = subprocess_handler.SubprocessHandler._popen
@@ -196,9 +226,10 @@ class RankForker:
         )
 
     def start(self, args: list[str], env: dict[str, str], out: int, err: int) -> ForkedRank:
-        request = json.dumps({"args": args[3:], "env": env, "cwd": os.getcwd()}).encode()
+        request = {"args": args[3:], "env": env, "cwd": os.getcwd(), "registry": self.registry}
+        encoded = json.dumps(request).encode()
         with self.lock:
-            socket.send_fds(self.sock, [request], [out, err])
+            socket.send_fds(self.sock, [encoded], [out, err])
             with self.ended:
                 while not self.started:
                     if not self.ended.wait(30):
@@ -263,7 +294,7 @@ def helper_loop(sock: socket.socket) -> None:
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: the fork server gone, so is this
+    libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: its session (so the fork server) gone, so is this
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     with contextlib.suppress(OSError):  # OSError: the launcher is gone
@@ -313,6 +344,8 @@ def rank(request: dict, fds: list[int]) -> None:
             os.dup2(target, fd)
             os.close(target)
         apply_pythonpath()
+        if request.get("registry"):
+            Path(request["registry"], str(os.getpid())).write_text(request["env"].get("LOCAL_RANK", ""))
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         os._exit(1)
@@ -326,38 +359,49 @@ def serve(path: str) -> None:
     die_with_parent(signal.SIGKILL)  # pytest gone: so is this
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
-    server.listen(1)
+    server.listen(8)
     sys.stdout.write("ready\n" + json.dumps(sorted(top_level_modules())) + "\n")
     sys.stdout.flush()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the sessions below: reaped by the kernel
     while True:
         conn, _ = server.accept()
-        with conn, conn.makefile("rw") as stream:
-            line = stream.readline()
-            if not line:
-                continue
-            request = json.loads(line)
-            if request.get("quit"):
-                return
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            helper = os.fork() if request.get("fork_ranks", True) else -1
-            if helper == 0:
-                server.close()
-                conn.close()
-                ours.close()
-                helper_loop(theirs)
-            theirs.close()
-            pid = os.fork()
-            if pid == 0:
-                server.close()
-                child(request, ours if helper > 0 else None)
-            ours.close()  # the helper ends when the launcher's end closes: it exited
-            stream.write(f"{pid}\n")
-            stream.flush()
-            _, status = os.waitpid(pid, 0)
-            if helper > 0:
-                os.waitpid(helper, 0)
-            stream.write(f"{os.waitstatus_to_exitcode(status)}\n")
-            stream.flush()
+        if os.fork() == 0:  # a session per request: the nodes of one job run side by side
+            server.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            die_with_parent(signal.SIGKILL)
+            with conn:
+                session(conn)
+            os._exit(0)
+        conn.close()
+
+
+def session(conn: socket.socket) -> None:
+    """One request: fork its rank forker (unless it keeps fresh ranks) and its run, report both pids,
+    then the run's exit code once it and the forker have ended."""
+    with conn.makefile("rw") as stream:
+        line = stream.readline()
+        if not line:
+            return
+        request = json.loads(line)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        helper = os.fork() if request.get("fork_ranks", True) else -1
+        if helper == 0:
+            conn.close()
+            ours.close()
+            helper_loop(theirs)
+        theirs.close()
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            child(request, ours if helper > 0 else None)
+        ours.close()  # the helper ends when the launcher's end closes: it exited
+        stream.write(f"{pid} {helper}\n")
+        stream.flush()
+        _, status = os.waitpid(pid, 0)
+        if helper > 0:
+            os.waitpid(helper, 0)
+        stream.write(f"{os.waitstatus_to_exitcode(status)}\n")
+        stream.flush()
 
 
 if __name__ == "__main__":

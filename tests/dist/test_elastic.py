@@ -18,7 +18,18 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import LAUNCH, REPO, clean_env, free_port, launch, tiny, weights
+from conftest import (
+    LAUNCH,
+    REPO,
+    ForkedProc,
+    clean_env,
+    free_port,
+    launch,
+    ranks_of,
+    start_launch,
+    tiny,
+    weights,
+)
 from test_faults import descendants, start, steps_logged, stop_and_check
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
@@ -128,11 +139,10 @@ def hosting(proc: subprocess.Popen, port: int) -> bool:
     return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
 
 
-def node(args: list[str], log: Path) -> subprocess.Popen:
-    """One node of a multi-node job on this machine: our launcher (the elastic agent), a fresh session."""
-    with log.open("w") as out:
-        return subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=clean_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+def node(args: list[str], log: Path) -> subprocess.Popen | ForkedProc:
+    """One node of a multi-node job on this machine: our launcher (the elastic agent), a fresh session,
+    its output in ``log``; forked by the tests' fork server, its ranks too (tests/zygote.py)."""
+    return start_launch(args, clean_env(), log=log)
 
 
 def wait_for(what: str, test: Callable[[], bool], timeout: float = 120) -> float:
@@ -227,9 +237,9 @@ def on_two_nodes(out: Path, sets: list[str], kill_at: int = 0) -> str:
             wait_for(
                 f"{kill_at} steps", lambda: steps_logged(out / "k") >= kill_at or procs[1].poll() is not None
             )
-            rank = [p for p in psutil.Process(procs[1].pid).children() if "LOCAL_RANK" in p.environ()]
-            assert rank, logs[1].read_text()[-3000:]
-            rank[0].kill()
+            rank = ranks_of(procs[1])
+            assert "0" in rank, logs[1].read_text()[-3000:]
+            rank["0"].kill()
         codes = [p.wait(200) for p in procs]
     finally:
         for p in procs:

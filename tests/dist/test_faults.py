@@ -24,6 +24,7 @@ from conftest import (
     ForkedProc,
     clean_env,
     free_port,
+    job_tree,
     launch,
     ranks_of,
     start_launch,
@@ -40,12 +41,15 @@ def steps_logged(run_dir: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
-def start(cmd: list[str], **env: str) -> subprocess.Popen | ForkedProc:
-    """``cmd`` in the background (its own session, stderr joined to stdout); a launch.py command
-    line is forked by the tests' fork server when nothing patches its imports; its ranks are fresh
-    interpreters, the launcher's children (these tests find them in its process tree)."""
+def start(cmd: list[str], fork_ranks: bool = True, **env: str) -> subprocess.Popen | ForkedProc:
+    """``cmd`` in the background (its own session, stderr joined to stdout); a launch.py or torchrun
+    command line is forked by the tests' fork server when nothing patches its imports, its ranks too
+    unless not ``fork_ranks`` (then fresh interpreters, the launcher's children: the real process tree
+    is the subject). :func:`descendants` and ``ranks_of`` find the ranks either way."""
     if cmd[:2] == [sys.executable, LAUNCH]:
-        return start_launch(cmd[2:], clean_env(**env), fork_ranks=False)
+        return start_launch(cmd[2:], clean_env(**env), fork_ranks=fork_ranks)
+    if cmd[: len(TORCHRUN)] == TORCHRUN:
+        return start_launch(cmd[len(TORCHRUN) :], clean_env(**env), fork_ranks=fork_ranks, torchrun=True)
     out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     return subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), start_new_session=True, **out)
 
@@ -142,8 +146,9 @@ def test_a_killed_worker_restarts_and_resumes_exactly_under_torchrun(
 
 
 def test_a_killed_launcher_leaves_no_rank_training(demo: Path, tmp_path: Path) -> None:
+    # fresh ranks, the launcher's children: their parent's death is the subject
     proc = start([sys.executable, LAUNCH, "train", "--nproc-per-node", "2",
-                  *tiny(demo, tmp_path, "o", "train.epochs=200")])  # fmt: skip
+                  *tiny(demo, tmp_path, "o", "train.epochs=200")], fork_ranks=False)  # fmt: skip
     deadline = time.monotonic() + 60
     while steps_logged(tmp_path / "o") < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -161,8 +166,9 @@ def test_a_killed_launcher_leaves_no_rank_training(demo: Path, tmp_path: Path) -
     assert saved and int(saved[-1].stem.split("-")[1]) >= trained, (saved, trained, out[-3000:])
 
 
-def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
-    return psutil.Process(proc.pid).children(recursive=True)
+def descendants(proc: subprocess.Popen | ForkedProc) -> list[psutil.Process]:
+    """The job's processes below its launcher: ranks (forked or not) and their DataLoader workers."""
+    return job_tree(proc)
 
 
 def stop_and_check(

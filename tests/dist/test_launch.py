@@ -44,6 +44,7 @@ def assert_world(reports: list[dict], world: int) -> None:
 
 
 def test_torchrun_two_ranks(tmp_path: Path) -> None:
+    """torchrun as a user runs it: fresh interpreters for torchrun and both ranks (elsewhere forked)."""
     res = run(
         [
             *TORCHRUN,
@@ -54,7 +55,8 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
             "check",
             "--set",
             f"run.out_dir={tmp_path}",
-        ]
+        ],
+        fresh=True,
     )
     assert res.returncode == 0, res.stderr
     reports = rank_reports(tmp_path)

@@ -181,7 +181,9 @@ def test_a_users_script_under_run_is_broken_down_and_its_starved_rank_named(tmp_
     zero, one = timing["median_s_per_rank"]
     assert zero["steps"] == one["steps"] == 120
     assert one["data"] > 0.0035 > 0.001 > zero["data"]  # the DataLoader's wait, on the rank that waits
-    assert zero["comm"] > 0.0025 > one["comm"]  # rank 0 waits in DDP's all-reduce for rank 1
+    # rank 0 waits in DDP's all-reduce for rank 1: most of rank 1's 4 ms data wait, on top of the
+    # all-reduce both ranks pay (3 ms of it on a loaded host: not a fixed bound)
+    assert zero["comm"] - one["comm"] > 0.0025, (zero, one)
     assert min(zero["compute"], one["compute"], zero["optimizer"], one["optimizer"]) > 0
     assert timing["straggler_check"] == "12 window(s) of 10 steps compared; 1 episode(s)"
     (episode,) = timing["stragglers"]
