@@ -250,10 +250,10 @@ def run_organize(args: argparse.Namespace) -> int:
 
 
 BENCH_DEFAULTS = {
-    "launch": {"repeats": 5},
+    "launch": {"repeats": 5, "warmup": 1},
     "data": {"repeats": 5, "batch": 8, "size": 1024},
     "overhead": {"repeats": 4, "steps": 120, "batch": 32, "size": 64},
-    "parallel": {"steps": 50},
+    "parallel": {"steps": 50, "warmup": 10},
 }
 
 
@@ -267,7 +267,7 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
     if args.what == "launch":
         from distrib.bench import startup
 
-        return startup.main(out, args.nproc, opt["repeats"])
+        return startup.main(out, args.nproc, opt["repeats"], opt["warmup"])
     if args.what == "data":
         from distrib.bench import data
 
@@ -278,7 +278,7 @@ def run_bench(args: argparse.Namespace, cfg: Config) -> int:
         cpu = parallel.visible_gpus() == 0  # a CPU step at GPU sizes takes seconds: smaller defaults
         options = {"model": args.model, "batch": args.batch_per_gpu or (16 if cpu else 32),
                    "image_size": args.image_size or (64 if cpu else 224),
-                   "steps": opt["steps"], "warmup": args.warmup, "amp": args.amp,
+                   "steps": opt["steps"], "warmup": opt["warmup"], "amp": args.amp,
                    "config": str(Path(args.config).resolve()) if args.config else ""}  # fmt: skip
         return parallel.main(out, [m for m in args.modes.split(",") if m], args.nproc_per_node, options)
     from distrib.bench import overhead

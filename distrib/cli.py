@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         bench, "batch-per-gpu", type=_positive, help="parallel: images per device per step (GPU 32, CPU 16)"
     )
     _flag(bench, "image-size", type=_positive, help="parallel: image side in px (GPU 224, CPU 64)")
-    bench.add_argument("--warmup", type=int, default=10, help="parallel: untimed steps first")
+    bench.add_argument(
+        "--warmup", type=int, help="parallel: untimed steps first (10); launch: untimed runs of each side (1)"
+    )
     bench.add_argument(
         "--amp", choices=["off", "bf16", "fp16"], default="off", help="parallel: precision (CUDA)"
     )

@@ -30,8 +30,8 @@ from distrib.errors import LaunchError
 TARGET_RATIO = 1.10
 
 
-def time_both(nproc: int, repeats: int, scratch: Path) -> dict[str, list[float]]:
-    """Alternating timed runs of both start-up paths (one untimed warm-up each)."""
+def time_both(nproc: int, repeats: int, scratch: Path, warmup: int = 1) -> dict[str, list[float]]:
+    """Alternating timed runs of both start-up paths (``warmup`` untimed runs of each first)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # both sides on gloo/CPU: this measures start-up, not GPUs
     minimal = str(Path(__file__).with_name("minimal.py"))
@@ -40,19 +40,23 @@ def time_both(nproc: int, repeats: int, scratch: Path) -> dict[str, list[float]]
         "launch_py": [sys.executable, str(REPO / "launch.py"), "check", "--nproc-per-node", str(nproc),
                       "--set", f"run.out_dir={scratch}"],
     }  # fmt: skip
-    return run_rounds({name: functools.partial(run_checked, cmd, env) for name, cmd in cmds.items()}, repeats)
+    variants = {name: functools.partial(run_checked, cmd, env) for name, cmd in cmds.items()}
+    return run_rounds(variants, repeats, warmup)
 
 
-def main(out: Path, nproc: int, repeats: int) -> int:
+def main(out: Path, nproc: int, repeats: int, warmup: int = 1) -> int:
     """Run, print the table and the verdict, write the run directory."""
-    if repeats < 1 or nproc < 1:
-        raise LaunchError(f"--repeats and --nproc must be at least 1, got {repeats} and {nproc}")
+    if repeats < 1 or nproc < 1 or warmup < 0:
+        raise LaunchError(
+            f"--repeats and --nproc must be at least 1 and --warmup at least 0, got {repeats}, {nproc} "
+            f"and {warmup}"
+        )
     with tempfile.TemporaryDirectory() as scratch:
-        times = time_both(nproc, repeats, Path(scratch))
+        times = time_both(nproc, repeats, Path(scratch), warmup)
     rows = summarise(times, "torchrun_minimal")
     ratio = statistics.median(times["launch_py"]) / statistics.median(times["torchrun_minimal"])
-    meta = {"what": "launch", "nproc": nproc, "repeats": repeats, "target_ratio": TARGET_RATIO,
-            "cpu_count": os.cpu_count()}  # fmt: skip
+    meta = {"what": "launch", "nproc": nproc, "repeats": repeats, "warmup_runs": warmup,
+            "target_ratio": TARGET_RATIO, "cpu_count": os.cpu_count()}  # fmt: skip
     write_results(out, rows, times, meta)
     verdict = "within" if ratio <= TARGET_RATIO else "ABOVE"
     sys.stdout.write(

@@ -54,10 +54,13 @@ def run_checked(cmd: Sequence[str], env: Mapping[str, str], timeout: float = 600
     return seconds
 
 
-def run_rounds(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """One untimed warm-up of each variant, then ``repeats`` rounds in A/B, B/A order."""
-    for fn in variants.values():  # page cache, worker start, lazy imports
-        fn()
+def run_rounds(
+    variants: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """``warmup`` untimed runs of each variant, then ``repeats`` rounds in A/B, B/A order."""
+    for _ in range(warmup):  # page cache, worker start, lazy imports
+        for fn in variants.values():
+            fn()
     results: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(repeats):
         order = list(variants) if i % 2 == 0 else list(reversed(variants))

@@ -316,11 +316,16 @@ def test_env_command_with_fake_gpus_maps_indices() -> None:
 
 
 def test_bench_launch_writes_a_same_run_comparison(tmp_path: Path) -> None:
+    # one rank a side: the comparison's shape is the subject (start-up of 2 ranks: test_torchrun_two_ranks)
     res = launch(
         "bench",
         "launch",
         "--repeats",
         "1",
+        "--nproc",
+        "1",
+        "--warmup",
+        "0",
         "--set",
         f"run.out_dir={tmp_path}",
         "--set",
