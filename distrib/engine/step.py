@@ -239,7 +239,9 @@ def optimizer_step(
     """
     if eng.scaler:
         eng.scaler.unscale_(eng.optimizer)
-    params = [p for p in eng.model.parameters() if p.grad is not None]
+    # the optimizer's own list of the trainable parameters: walking a wrapped model's modules every
+    # step cost ~0.1 ms on a busy 2-core host
+    params = [p for group in eng.optimizer.param_groups for p in group["params"] if p.grad is not None]
     grads = [p.grad for p in params]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=ctx.device)
     if eng.scaler is None and not bool(torch.isfinite(norm)):

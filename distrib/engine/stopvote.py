@@ -30,11 +30,18 @@ log = logging.getLogger(__name__)
 
 
 class StopVote:
-    """The run's stop flags, one asynchronous all-reduce (MAX of the signal number) per step."""
+    """The run's stop flags, one asynchronous all-reduce (MAX of the signal number) per step.
+
+    The flag tensor is allocated once and the reduction goes to the world group's ``allreduce``
+    directly: ``dist.all_reduce``'s Python checks and a new tensor per step cost about 60 us more
+    per launch (93 against 32 us on gloo, idle; 2-3x that on a busy 2-core host)."""
 
     def __init__(self, ctx: DistContext, stop: StopRequest | None):
         self.ctx, self.stop = ctx, stop
         self.pending: tuple[Any, torch.Tensor] | None = None
+        self._flag: torch.Tensor | None = None
+        self._max = dist.AllreduceOptions()
+        self._max.reduceOp = dist.ReduceOp.MAX
 
     def at_step(self) -> bool:
         """At a step boundary: did the vote started at the previous boundary say stop? Starts the next."""
@@ -44,8 +51,10 @@ class StopVote:
             return self.stop.requested
         signum = self._read()
         if not signum:
-            flag = torch.tensor([float(self.stop.signum)], device=self.ctx.device)
-            self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+            if self._flag is None:
+                self._flag = torch.zeros(1, device=self.ctx.device)
+            flag = self._flag.fill_(float(self.stop.signum))  # the previous reduction was read: free
+            self.pending = (dist.group.WORLD.allreduce([flag], self._max), flag)
         return self._adopt(signum)
 
     def now(self) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from distrib.timing.clock import PHASES, StepClock
+from distrib.timing.clock import PHASES, SCHEDSTAT, StepClock, run_queue_wait
 from distrib.timing.straggler import Judge, WindowStats
 
 
@@ -146,3 +146,32 @@ def test_run_files_cut_short_are_read_as_far_as_they_go_and_too_few_windows_are_
     (tmp_path / "timing_rank0.json").write_text("{")
     alone = judge_files(tmp_path, 2, settings)
     assert alone["straggler_check"] == "not judged: one rank" and "rank 0 is left out" in caplog.text
+
+
+@pytest.mark.skipif(not SCHEDSTAT.exists(), reason="Linux's /proc/thread-self/schedstat")
+def test_the_run_queue_wait_is_this_threads_own_read_fresh_each_time() -> None:
+    """The schedstat file stays open (pread at 0): each read must still be regenerated, and a thread
+    (or a forked child) must get its own figures, not those of the thread that opened it first."""
+    import subprocess
+    import sys
+    import threading
+
+    def fresh() -> float:
+        return int(SCHEDSTAT.read_text().split()[1]) / 1e9
+
+    before = run_queue_wait()
+    code = "import time\nend = time.time() + 0.4\nwhile time.time() < end: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(3)]  # 3 busy processes
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # runnable beside them: this thread waits for a CPU
+        sum(range(1000))
+    for p in busy:
+        p.wait(10)
+    low, kept, high = fresh(), run_queue_wait(), fresh()
+    assert before <= low <= kept <= high and high > before  # regenerated, not the first read again
+    seen: list[tuple[float, float]] = []
+    other = threading.Thread(target=lambda: seen.append((fresh(), run_queue_wait())))
+    other.start()
+    other.join()
+    ((theirs, read),) = seen
+    assert theirs <= read < kept  # the new thread's own figure
