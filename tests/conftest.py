@@ -102,28 +102,22 @@ def run(
 
 
 def run_many(jobs: Sequence[tuple[Sequence[str], dict[str, str]]], timeout: float = 150) -> list:
-    """Start several commands at once (nodes, SLURM tasks), wait for all, kill stragglers."""
-    procs = [
-        subprocess.Popen(
-            list(cmd),
-            env=env,
-            cwd=REPO,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        for cmd, env in jobs
-    ]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [
-        subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)
-    ]
+    """Run several commands at once (nodes, SLURM tasks) and wait for all: each as :func:`run` runs
+    it (launch.py and torchrun command lines forked by the fork server, which serves them side by
+    side), its session killed on timeout and checked empty afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    zygote()  # started from this thread: its parent-death signal fires when the starting thread ends
+
+    def one(cmd: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        server = forking_zygote(env) if list(cmd[:2]) == [sys.executable, LAUNCH] else None
+        if server is not None:
+            return forked(server, list(cmd[2:]), env, timeout)
+        return run(cmd, env=env, timeout=timeout)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(one, cmd, env) for cmd, env in jobs]
+        return [f.result() for f in futures]
 
 
 def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 90, fresh: bool = False):

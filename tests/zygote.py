@@ -61,9 +61,12 @@ def importable_as_forked(pythonpath: str, loaded: set[str]) -> bool:
     modules is one the fork server imported already (it would shadow nothing): then putting its
     folders on ``sys.path`` is all the variable would have done (the leaky and stuck models). The
     fakes that patch imports at start-up, or shadow a module (pynvml), need a fresh interpreter.
+    The repository itself (the test workers' PYTHONPATH) is the server's own first folder.
     """
     for folder in filter(None, pythonpath.split(os.pathsep)):
         path = Path(folder)
+        if path.resolve() == REPO:
+            continue
         names = {p.name.removesuffix(".py") for p in path.iterdir()} if path.is_dir() else set()
         if names & {"sitecustomize", "usercustomize"} or names & loaded:
             return False
@@ -221,12 +224,13 @@ class RankForker:
             len(args) >= 3
             and args[0] == sys.executable
             and args[1] == "-u"
-            and os.path.realpath(args[2]) == str(REPO / "launch.py")
+            and forkable_script(args[2])
             and importable_as_forked(env.get("PYTHONPATH", ""), top_level_modules())
         )
 
     def start(self, args: list[str], env: dict[str, str], out: int, err: int) -> ForkedRank:
-        request = {"args": args[3:], "env": env, "cwd": os.getcwd(), "registry": self.registry}
+        request = {"args": args[3:], "env": env, "cwd": os.getcwd(), "registry": self.registry,
+                   "script": os.path.realpath(args[2])}  # fmt: skip
         encoded = json.dumps(request).encode()
         with self.lock:
             socket.send_fds(self.sock, [encoded], [out, err])
@@ -349,7 +353,44 @@ def rank(request: dict, fds: list[int]) -> None:
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         os._exit(1)
+    if request.get("script", str(REPO / "launch.py")) != str(REPO / "launch.py"):
+        run_script(request["script"], request["args"])
     run_launch(request["args"])
+
+
+def forkable_script(path: str) -> bool:
+    """launch.py, or one of the tests' own rank scripts (tests/dist/*_worker.py)."""
+    real = Path(os.path.realpath(path))
+    worker = real.parent == REPO / "tests" / "dist" and real.name.endswith("_worker.py")
+    return real == REPO / "launch.py" or worker
+
+
+def run_script(path: str, args: list[str]) -> None:
+    """``python -u PATH *args`` (a test's rank script) in this forked rank; never returns."""
+    import atexit
+    import runpy
+
+    code = 1
+    try:
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - for the whole process
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.argv = [path, *args]
+        sys.path.insert(0, os.path.dirname(path))  # as the interpreter puts a script's folder first
+        threads_from_env()
+        runpy.run_path(path, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - as the interpreter reports an uncaught error
+        traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 def serve(path: str) -> None:
