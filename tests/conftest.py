@@ -300,7 +300,10 @@ def forked(
 
     with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        request = {"args": args, "env": env, "cwd": str(REPO), "out": out, "err": err, "module": module}
+        registry = Path(tmp, "ranks")  # the forked ranks: their own sessions, killed on a timeout too
+        registry.mkdir()
+        request = {"args": args, "env": env, "cwd": str(REPO), "out": out, "err": err, "module": module,
+                   "registry": str(registry)}  # fmt: skip
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(server)
             stream = sock.makefile("rw")
@@ -312,6 +315,7 @@ def forked(
                 code = int(stream.readline())
             except TimeoutError:
                 os.killpg(pid, signal.SIGKILL)
+                kill_ranks(registry)  # a hung rank outlives its launcher (it waits to stop at a step)
                 raise AssertionError(f"timed out after {timeout}s: launch.py {args}") from None
         try:
             os.killpg(pid, 0)
@@ -324,6 +328,18 @@ def forked(
         with open(out) as fo, open(err) as fe:
             cmd = [*(TORCHRUN if module else [sys.executable, LAUNCH]), *args]
             return subprocess.CompletedProcess(cmd, code, fo.read(), fe.read())
+
+
+def kill_ranks(registry: Path) -> None:
+    """SIGKILL every rank a forked run's rank forker started, and their children (DataLoader workers)."""
+    import psutil
+
+    for f in registry.iterdir():
+        with contextlib.suppress(psutil.Error):
+            rank = psutil.Process(int(f.name))
+            for p in [*rank.children(recursive=True), rank]:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
 
 
 def ranks_of(proc: subprocess.Popen | ForkedProc, loader_workers: bool = False) -> dict:
