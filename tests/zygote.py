@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,20 +108,18 @@ def child(request: dict, forker: socket.socket | None) -> None:
     run_launch(request["args"])
 
 
-def run_torchrun(args: list[str]) -> None:
-    """``python -m torch.distributed.run *args`` (torchrun's own agent and rendezvous); never returns."""
+def as_main(body: Callable[[], int]) -> None:
+    """Run ``body`` as an interpreter runs a program: fds 1 and 2 as line-buffered stdout and stderr,
+    its return value (or SystemExit) as the exit code, an uncaught error printed and exit 1; the
+    streams flushed, then ``os._exit``. Never returns."""
     code = 1
     try:
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - for the whole process
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        import torch.distributed.run as torchrun
-
-        sys.argv = [torchrun.__file__, *args]
-        torchrun.main(args)
-        code = 0
+        code = body()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - as the interpreter reports an uncaught error
+    except BaseException:  # noqa: BLE001 - reported as the interpreter would report it
         traceback.print_exc()
         code = 1
     finally:
@@ -130,12 +129,23 @@ def run_torchrun(args: list[str]) -> None:
         os._exit(code)
 
 
+def run_torchrun(args: list[str]) -> None:
+    """``python -m torch.distributed.run *args`` (torchrun's own agent and rendezvous); never returns."""
+
+    def body() -> int:
+        import torch.distributed.run as torchrun
+
+        sys.argv = [torchrun.__file__, *args]
+        torchrun.main(args)
+        return 0
+
+    as_main(body)
+
+
 def run_launch(args: list[str]) -> None:
     """``launch.main(args)`` as ``python -u launch.py *args`` runs it; never returns."""
-    code = 1
-    try:
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - for the whole process
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+    def body() -> int:
         sys.argv = [str(REPO / "launch.py"), *args]
         threads_from_env()
         import launch
@@ -146,16 +156,9 @@ def run_launch(args: list[str]) -> None:
 
             atexit._run_exitfuncs()
         launch.quick_exit(code)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - reported as the script would report it
-        traceback.print_exc()
-        code = 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        return code
+
+    as_main(body)
 
 
 def threads_from_env() -> None:
@@ -367,30 +370,21 @@ def forkable_script(path: str) -> bool:
 
 def run_script(path: str, args: list[str]) -> None:
     """``python -u PATH *args`` (a test's rank script) in this forked rank; never returns."""
-    import atexit
-    import runpy
 
-    code = 1
-    try:
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - for the whole process
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    def body() -> int:
+        import atexit
+        import runpy
+
         sys.argv = [path, *args]
         sys.path.insert(0, os.path.dirname(path))  # as the interpreter puts a script's folder first
         threads_from_env()
-        runpy.run_path(path, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - as the interpreter reports an uncaught error
-        traceback.print_exc()
-        code = 1
-    finally:
-        with contextlib.suppress(Exception):
-            atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        try:
+            runpy.run_path(path, run_name="__main__")
+        finally:
+            atexit._run_exitfuncs()  # on SystemExit too, as at an interpreter's end
+        return 0
+
+    as_main(body)
 
 
 def serve(path: str) -> None:
