@@ -101,6 +101,11 @@ def run(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def command_line(args: Sequence[str], torchrun: bool = False) -> list[str]:
+    """``python launch.py *args``, or ``torchrun *args``, as a fresh interpreter would be started."""
+    return [*(TORCHRUN if torchrun else [sys.executable, LAUNCH]), *args]
+
+
 def run_many(jobs: Sequence[tuple[Sequence[str], dict[str, str]]], timeout: float = 150) -> list:
     """Run several commands at once (nodes, SLURM tasks) and wait for all: each as :func:`run` runs
     it (launch.py and torchrun command lines forked by the fork server, which serves them side by
@@ -148,7 +153,7 @@ class ForkedProc:
         import tempfile
         import threading
 
-        self.args = [*(TORCHRUN if module else [sys.executable, LAUNCH]), *args]
+        self.args = command_line(args, bool(module))
         self.returncode: int | None = None
         self._tmp = tempfile.mkdtemp(prefix="forked-")
         self.registry = Path(self._tmp, "ranks")  # the forked ranks: a file per pid (tests/zygote.py)
@@ -218,7 +223,7 @@ class ForkedProc:
 
     def forked_ranks(self) -> dict[int, str]:
         """pid -> LOCAL_RANK of every rank the forker started (ended ones included)."""
-        return {int(f.name): f.read_text() for f in self.registry.iterdir()} if self.registry.is_dir() else {}
+        return registered_ranks(self.registry)
 
 
 def start_launch(
@@ -235,7 +240,7 @@ def start_launch(
     real process tree). :func:`job_tree` and :func:`ranks_of` find the ranks either way."""
     server = forking_zygote(env)
     if server is None:
-        cmd = [*(TORCHRUN if torchrun else [sys.executable, LAUNCH]), *args]
+        cmd = command_line(args, torchrun)
         out = log.open("w") if log else subprocess.PIPE
         try:
             return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out,
@@ -326,17 +331,22 @@ def forked(
             os.killpg(pid, signal.SIGKILL)
             raise AssertionError(f"processes left running in the session of launch.py {args}")
         with open(out) as fo, open(err) as fe:
-            cmd = [*(TORCHRUN if module else [sys.executable, LAUNCH]), *args]
+            cmd = command_line(args, bool(module))
             return subprocess.CompletedProcess(cmd, code, fo.read(), fe.read())
+
+
+def registered_ranks(registry: Path) -> dict[int, str]:
+    """pid -> LOCAL_RANK of the ranks a rank forker registered in ``registry`` (tests/zygote.py)."""
+    return {int(f.name): f.read_text() for f in registry.iterdir()} if registry.is_dir() else {}
 
 
 def kill_ranks(registry: Path) -> None:
     """SIGKILL every rank a forked run's rank forker started, and their children (DataLoader workers)."""
     import psutil
 
-    for f in registry.iterdir():
+    for pid in registered_ranks(registry):
         with contextlib.suppress(psutil.Error):
-            rank = psutil.Process(int(f.name))
+            rank = psutil.Process(pid)
             for p in [*rank.children(recursive=True), rank]:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
