@@ -23,6 +23,7 @@ from datasets.device_decode import DeviceDecoder, device_decode_wanted
 from datasets.folder import Samples
 from datasets.samplers import BalancedSampler, ExactEvalSampler, TrainSampler
 from datasets.transforms import BadImageError, Decoder, PixelSource, augment_seeded
+from datasets.workerwatch import never_started, watched
 from distrib.config import Config
 from distrib.context import DistContext
 from distrib.errors import LaunchError
@@ -123,7 +124,7 @@ class ImageLoader:
                     self.split,
                 )
             return unwrap_worker_errors(inline_batches(self.loader))
-        batches = unwrap_worker_errors(iter(self.loader))
+        batches = unwrap_worker_errors(watched(iter(self.loader), self.rank))
         if self.device_decoder is None:
             return batches
         return (self.device_decoder(b, epoch) for b in batches)
@@ -179,6 +180,9 @@ def worker_death(error: BaseException, rank: int, num_workers: int) -> LaunchErr
     m = _WORKER_DIED.search(str(error))
     if m is None:
         return None
+    stuck = never_started([int(p) for p in m.group(1).replace(",", " ").split()], rank)
+    if stuck is not None:
+        return LaunchError(stuck)
     how = f"was killed by signal {m.group(3)}" if m.group(3) else "exited unexpectedly"
     hint = (
         "; SIGKILL is usually the kernel's OOM killer (see `dmesg`): lower data.num_workers "

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from distrib import forksafe
 from distrib.context import DistContext
 from distrib.errors import LaunchError, first_line
 
@@ -62,6 +63,7 @@ def init_process_group(ctx: DistContext, timeout_s: float) -> bool:
     """
     if not ctx.distributed:
         return False
+    forksafe.install()  # its threads make a DataLoader's fork hang on older CPythons
     global _STORE
     kwargs: dict[str, Any] = {}
     if ctx.backend == "nccl":

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # not count as "a second signal"; SIGHUP ("the controlling process is gone") says what happened.
 AGENT_GONE = signal.SIGHUP
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+LOADER_WORKER = "loader_worker"  # a started DataLoader worker's name (``ps``, the start watch)
 
 
 @dataclass
@@ -61,6 +64,34 @@ class StopRequest:
         # that follows (it stops every rank once one has exited) is this process's first: the
         # rank finishes its stop (rank 0's checkpoint) instead of dying in the middle of it.
         self.signum = self.signum or signum
+        if signum == AGENT_GONE:
+            orphan_deadline()
+
+
+ORPHAN_GRACE_S = 120.0  # a rank whose launcher died: time to reach a step boundary and checkpoint
+
+
+def orphan_deadline() -> None:
+    """A rank whose launcher is gone stops at its next step; this bounds the wait for that step.
+
+    Why: a rank stuck where no step boundary comes (a DataLoader worker hung in fork, a wedged
+    device) would otherwise live on with nobody to stop it. After ``ORPHAN_GRACE_S`` a daemon
+    thread says so and exits; SIGALRM's default action, 15 s later, ends a process whose Python
+    can no longer run at all.
+    """
+    grace_s = ORPHAN_GRACE_S
+
+    def give_up() -> None:
+        log.error("the launcher is gone and no step boundary came within %.0f s: exiting", grace_s)
+        logging.shutdown()
+        os._exit(128 + AGENT_GONE)
+
+    timer = threading.Timer(grace_s, give_up)
+    timer.daemon = True
+    timer.start()
+    with contextlib.suppress(ValueError, OSError):  # not the main thread / no alarm here
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(int(grace_s) + 15)
 
 
 class Stopped(Exception):  # noqa: N818 - the run ended on request, not an error
@@ -95,18 +126,23 @@ def die_with_parent(sig: int) -> bool:
 
     If the parent is already gone (we were re-parented to init), ``sig`` is sent at once.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(sig)) != 0:
-            return False
-    except (OSError, AttributeError):
+    if not _prctl(PR_SET_PDEATHSIG, int(sig)):
         return False
     _PARENT[:] = [os.getppid()]
     if os.getppid() == 1:  # the parent died before the call: nobody would ever tell us
         os.kill(os.getpid(), sig)
     return True
+
+
+def _prctl(option: int, arg: int | bytes) -> bool:
+    """Linux's prctl(2); False where it is missing or refuses."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(option, arg) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def parent_alive() -> bool:
@@ -130,6 +166,7 @@ def loader_worker() -> None:
     When the rank dies, its workers get SIGKILL: they hold copies of the rank's gloo sockets,
     so the other ranks otherwise noticed a killed rank only after the workers' own 5 s check.
     """
+    _prctl(PR_SET_NAME, LOADER_WORKER.encode())  # "I started": see datasets/workerwatch.py
     with contextlib.suppress(OSError):  # already a group leader: nothing to leave
         os.setpgid(0, 0)
     die_with_parent(signal.SIGKILL)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distrib import signals
+from distrib import forksafe, signals
 from distrib.config import Config, dump_config
 from distrib.context import DistContext
 from distrib.devices import DevicePlan, verify_cuda_visibility
@@ -171,6 +171,7 @@ def run_worker(cfg: Config, plan: DevicePlan, command: str, job: Job, own_group:
         ctx.backend,
     )
     if not own_group:
+        forksafe.install()  # the script's own process group and DataLoaders: the same fork hazard
         return job(ctx, cfg, script_run_dir(ctx, cfg, command))
     bind_device(ctx)
     with process_group(ctx, cfg.dist.timeout_s):

@@ -12,7 +12,7 @@ three counters to bucket 0: no collective of its own). Side by side with identic
 it cost the same as this vote within the host's resolution (+0.7% against +0.5%, both inside the
 +-1.5% between runs), it replaces DDP's C++ reduction path with a Python one on every bucket, and
 a CI hang of the 2-rank default job seen with it was later found to be something else: a DataLoader
-worker deadlocked in fork on Python 3.11.7 (README, Known problems), with this vote too.
+worker deadlocked in fork on Python 3.11.7 (distrib/forksafe.py), with this vote too.
 """
 
 from __future__ import annotations

@@ -19,6 +19,19 @@ from distrib.process_group import (
 )
 
 
+def check_fork_safety() -> None:
+    """The fork wait's premise on this torch: gloo's threads are found by name, and go quiet."""
+    from distrib import forksafe
+
+    assert forksafe.install() == forksafe.affected()  # the group's start installed it where needed
+    names = []
+    for tid in forksafe.torch_threads():
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    assert "pt_gloo_runloop" in names, names
+    assert forksafe.wait_quiet(max_wait_s=10)  # no collective in flight: they must go to sleep
+
+
 def main() -> int:
     ctx = DistContext.from_env(os.environ)
     with process_group(ctx, timeout_s=30) as created:
@@ -30,6 +43,8 @@ def main() -> int:
         assert broadcast_object(ctx, {"from": r}) == {"from": 0}
         assert gather_objects(ctx, f"r{r}") == [f"r{i}" for i in range(w)]
         barrier(ctx)
+        if ctx.distributed:
+            check_fork_safety()
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # torn down on exit

@@ -25,6 +25,14 @@ def python(code: str, **kw: object) -> subprocess.Popen:
     )
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's reaper may be slow to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def sends(*sigs: int) -> str:
     """A process that installs the handlers, receives ``sigs`` and reports what it saw."""
     kills = "".join(f"os.kill(os.getpid(), {int(s)}); time.sleep(0.05)\n" for s in sigs)
@@ -121,3 +129,36 @@ def test_a_sigkilled_threaded_parent_stops_its_child_once(tmp_path: Path) -> Non
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_rank_whose_launcher_died_exits_even_without_a_step_boundary(tmp_path: Path) -> None:
+    """A rank stuck where no step boundary comes (here: a plain sleep) and whose launcher is
+    gone must not live on: it exits after the grace time (cut to 1 s here) with one line."""
+    pidfile, log = tmp_path / "pid", tmp_path / "rank.log"
+    child = f"""
+        import logging, os, time
+        from distrib import signals
+        logging.basicConfig(filename={str(log)!r})
+        signals.ORPHAN_GRACE_S = 1.0
+        stop = signals.install()
+        signals.die_with_parent(signals.AGENT_GONE)
+        open({str(pidfile)!r}, 'w').write(str(os.getpid()))
+        time.sleep(60)  # stuck: never a step boundary
+    """
+    parent = f"""
+        import os, subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", {textwrap.dedent(child)!r}])
+        while not os.path.exists({str(pidfile)!r}):
+            time.sleep(0.01)
+        time.sleep(0.2)
+    """
+    proc = python(parent, start_new_session=True)
+    assert proc.wait(timeout=30) == 0
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 20
+    while (
+        Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+    ):
+        assert time.monotonic() < deadline, "the orphaned rank is still alive"
+        time.sleep(0.05)
+    assert "no step boundary came within 1 s" in log.read_text()

@@ -1,0 +1,91 @@
+"""The fork wait (distrib/forksafe.py) and the never-started worker watch (datasets/workerwatch.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datasets.loader import worker_death
+from datasets.workerwatch import watched
+from distrib import forksafe
+from distrib.seeding import WorkerSeeder
+
+
+@pytest.mark.parametrize(
+    ("version", "hit"),
+    [
+        ((3, 11, 7), True),
+        ((3, 11, 9), True),
+        ((3, 11, 10), False),
+        ((3, 10, 14), True),
+        ((3, 10, 15), False),
+        ((3, 12, 0), False),
+        ((3, 13, 2), False),
+    ],
+)
+def test_only_pythons_without_the_fix_are_affected(version: tuple[int, int, int], hit: bool) -> None:
+    assert forksafe.affected(version) is hit
+
+
+def _thread(busy: bool) -> tuple[threading.Thread, threading.Event, list[int]]:
+    stop, tid = threading.Event(), []
+
+    def body() -> None:
+        tid.append(threading.get_native_id())
+        while not stop.is_set():
+            if not busy:
+                stop.wait(5)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    while not tid:
+        time.sleep(0.001)
+    return t, stop, tid
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_a_running_thread_is_not_quiet_a_sleeping_one_is(busy: bool) -> None:
+    t, stop, tid = _thread(busy)
+    try:
+        time.sleep(0.05)
+        assert forksafe.quiet(tid, gap_s=0.01) is (not busy)
+        assert forksafe.torch_threads() == []  # Python threads are never waited for
+    finally:
+        stop.set()
+        t.join(5)
+
+
+def test_a_thread_that_ended_counts_as_quiet() -> None:
+    assert forksafe.quiet([2**22 + 7]) is True  # no such thread
+
+
+class Slow(Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(0.6)  # a first batch slower than the start watch's limit below
+        return torch.tensor(i)
+
+
+def _hang(worker_id: int) -> None:
+    time.sleep(15)  # stands in for a worker stuck inside os.fork(): it never runs WorkerSeeder
+
+
+def test_a_worker_that_never_starts_is_stopped_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    loader = DataLoader(Slow(), num_workers=1, worker_init_fn=_hang)
+    with pytest.raises(RuntimeError) as err:
+        list(watched(iter(loader), rank=3, start_s=1.0))
+    message = str(worker_death(err.value, 3, 1))
+    assert "rank 3: a DataLoader worker" in message and "hung inside os.fork()" in message, message
+    assert "OOM" not in message
+    assert "never started" in caplog.text
+
+
+def test_a_started_worker_with_slow_batches_is_left_alone() -> None:
+    loader = DataLoader(Slow(), num_workers=1, worker_init_fn=WorkerSeeder(0, 0))
+    assert [int(b) for b in watched(iter(loader), rank=0, start_s=0.3)] == [0, 1]
