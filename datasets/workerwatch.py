@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+from distrib import forksafe
 from distrib.signals import LOADER_WORKER
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,11 @@ def check_started(workers: list[Any], rank: int) -> list[int]:
 
 def watched(it: Iterator[T], rank: int, start_s: float = START_S) -> Iterator[T]:
     """``it``'s items; a worker of ``it`` (a multi-process DataLoader iterator) that has not
-    started ``start_s`` after the iterator was made is stopped (see the module's docstring)."""
+    started ``start_s`` after the iterator was made is stopped (see the module's docstring).
+    First, an error a signal handler raised during the forks (lost by CPython) is raised here."""
+    lost = forksafe.take_lost()
+    if lost is not None:  # a signal handler's error raised while the workers were forked
+        raise lost
     workers = list(getattr(it, "_workers", []))
     if not workers:
         yield from it

@@ -40,6 +40,7 @@ LOOK_GAP_S = 0.0005  # between the two looks at the threads
 MAX_WAIT_S = 1.0  # a torch thread busy for longer than this (a long collective) is not waited for
 _FIXED = {(3, 9): (3, 9, 20), (3, 10): (3, 10, 15), (3, 11): (3, 11, 10)}  # the backports of the fix
 _installed: list[bool] = []
+_LOST: list[BaseException] = []  # raised by a signal handler while the hook ran (see before_fork)
 
 
 def affected(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
@@ -106,9 +107,20 @@ def wait_quiet(max_wait_s: float = MAX_WAIT_S) -> bool:
 
 
 def before_fork() -> None:
-    """The hook: never raise (an exception here would only be printed, and the fork goes on)."""
+    """The hook. CPython only prints what an at-fork hook raises, so nothing may escape: an
+    exception a Python signal handler raised while the hook waited (torch's SIGCHLD handler:
+    "DataLoader worker ... is killed by signal") is kept for :func:`take_lost` to raise again."""
     try:
         if not wait_quiet():
             log.debug("forking while a torch thread is busy (longer than %.1f s)", MAX_WAIT_S)
-    except Exception:  # noqa: BLE001 - a hook that fails must not change the fork
+    except OSError:
         log.debug("fork-safety wait failed", exc_info=True)
+    except BaseException as e:  # noqa: BLE001 - not ours: a signal handler's, raised again later
+        _LOST.append(e)
+
+
+def take_lost() -> BaseException | None:
+    """The first exception a signal handler raised inside the hook since the last call, if any."""
+    lost = _LOST[:1]
+    _LOST.clear()
+    return lost[0] if lost else None

@@ -89,3 +89,31 @@ def test_a_worker_that_never_starts_is_stopped_and_named(caplog: pytest.LogCaptu
 def test_a_started_worker_with_slow_batches_is_left_alone() -> None:
     loader = DataLoader(Slow(), num_workers=1, worker_init_fn=WorkerSeeder(0, 0))
     assert [int(b) for b in watched(iter(loader), rank=0, start_s=0.3)] == [0, 1]
+
+
+def test_a_signal_handlers_error_inside_the_hook_is_raised_again_by_the_next_epoch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CPython only prints what an at-fork hook raises: torch's SIGCHLD handler ("DataLoader
+    worker ... is killed by signal") firing while the hook waits must not vanish with it."""
+    import os
+    import signal
+
+    def torch_sigchld(signum: int, frame: object) -> None:
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
+
+    def quiet_with_a_signal(tids: list[int], gap_s: float = 0) -> bool:
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives while the hook waits
+        time.sleep(0.01)
+        return True
+
+    old = signal.signal(signal.SIGUSR1, torch_sigchld)
+    try:
+        monkeypatch.setattr(forksafe, "torch_threads", lambda: [1])
+        monkeypatch.setattr(forksafe, "quiet", quiet_with_a_signal)
+        forksafe.before_fork()  # must not raise: CPython would only print it
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    with pytest.raises(RuntimeError, match="pid 4242"):
+        next(watched(iter([1, 2]), rank=0))
+    assert list(watched(iter([1, 2]), rank=0)) == [1, 2]  # raised once
