@@ -256,6 +256,8 @@ class RankForker:
                 else:
                     self.codes[int(pid)] = int(code)
                 self.ended.notify_all()
+            if kind == "exit":  # recorded: poll() says it ended, so the zombie may go (one
+                self.sock.send(f"reap {pid}".encode())  # message: no lock; start() may hold it)
 
 
 class ForkedRank:
@@ -310,30 +312,38 @@ def helper_loop(sock: socket.socket) -> None:
 
 
 def serve_ranks(sock: socket.socket) -> None:
-    """Until the launcher's end of ``sock`` closes: fork the ranks it asks for, report their ends."""
+    """Until the launcher's end of ``sock`` closes: fork the ranks it asks for, report their ends.
+
+    An ended rank stays a zombie until the launcher's side has its exit code ("reap PID"), as a
+    ``Popen`` child stays one until ``poll()`` reaps it: torch's agent signals a rank's process
+    group (``killpg``) after ``poll()`` said it runs, which must not meet a group already gone.
+    """
     import select
 
+    live: set[int] = set()
     while True:
         ready, _, _ = select.select([sock], [], [], 0.02)
         if ready:
             msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 2)
             if not msg:
                 return
+            if msg.startswith(b"reap "):
+                os.waitpid(int(msg.split()[1]), 0)
+                continue
             pid = os.fork()
             if pid == 0:
                 sock.close()
                 rank(json.loads(msg), fds)
             for fd in fds:
                 os.close(fd)
+            live.add(pid)
             sock.send(f"pid {pid} 0".encode())
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            sock.send(f"exit {pid} {os.waitstatus_to_exitcode(status)}".encode())
+        for pid in list(live):
+            ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if ended is not None and ended.si_pid == pid:
+                live.discard(pid)
+                code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
+                sock.send(f"exit {pid} {code}".encode())
 
 
 def rank(request: dict, fds: list[int]) -> None:
