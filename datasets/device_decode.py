@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-from torchvision.transforms import v2
 
 from datasets.collate import Batch, Skipped
 from datasets.folder import Samples
@@ -94,13 +93,15 @@ class DeviceDecoder:
     def __call__(self, batch: Batch, epoch: int) -> Batch:
         if batch.encoded is None:
             return batch
+        from torchvision.transforms.v2.functional import resize
+
         images, keep = [], []
         skipped = list(batch.skipped)
         for pos, (img, index) in enumerate(zip(self._decode(batch), batch.indices.tolist(), strict=True)):
             if img is None:
                 skipped.append(Skipped(str(self.samples.paths[index]), "cannot decode", int(index)))
                 continue
-            img = v2.functional.resize(img, self.resize, antialias=True)
+            img = resize(img, self.resize, antialias=True)
             images.append(augment_seeded(self.transform, img, self.seed, epoch, index))
             keep.append(pos)
         if not images:

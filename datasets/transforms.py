@@ -13,10 +13,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from distrib.config import DataSection
 from distrib.seeding import sample_seed
@@ -153,16 +153,27 @@ class Decoder:
     def __call__(self, path: str, index: int = -1) -> torch.Tensor:
         img = decode_uint8(path, self.resize if self.fast_jpeg else None)
         if self.resize:
-            img = v2.functional.resize(img, list(self.resize), antialias=True)
+            img = _v2().functional.resize(img, list(self.resize), antialias=True)
         return img
 
 
+def _v2() -> Any:
+    """torchvision's v2 transforms, imported when first used: ``import torchvision`` costs ~2 s of
+    CPU (its ops import torch._dynamo), which a process that never transforms an image (a bench
+    rank on synthetic batches, a user's script under ``run``) need not pay."""
+    from torchvision.transforms import v2
+
+    return v2
+
+
 def _compose(steps: list[torch.nn.Module]) -> torch.nn.Module:
+    v2 = _v2()
     return v2.Compose(steps) if steps else v2.Identity()
 
 
 def train_transform(data: DataSection) -> torch.nn.Module:
     """Random augmentation on uint8 tensors, from the config."""
+    v2 = _v2()
     steps: list[torch.nn.Module] = []
     if data.resize:
         steps.append(v2.Resize(list(data.resize), antialias=True))
@@ -179,6 +190,7 @@ def train_transform(data: DataSection) -> torch.nn.Module:
 
 def eval_transform(data: DataSection) -> torch.nn.Module:
     """Deterministic counterpart: resize, then centre-crop to the training crop size."""
+    v2 = _v2()
     steps: list[torch.nn.Module] = []
     if data.resize:
         steps.append(v2.Resize(list(data.resize), antialias=True))
