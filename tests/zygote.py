@@ -69,15 +69,29 @@ def importable_as_forked(pythonpath: str, loaded: set[str]) -> bool:
         if path.resolve() == REPO:
             continue
         names = {p.name.removesuffix(".py") for p in path.iterdir()} if path.is_dir() else set()
-        if names & {"sitecustomize", "usercustomize"} or names & loaded:
+        hooks = names & {"sitecustomize", "usercustomize"}
+        if hooks - {"sitecustomize"} or (hooks and not forkable_hook(path)) or (names - hooks) & loaded:
             return False
     return True
 
 
+def forkable_hook(folder: Path) -> bool:
+    """Does ``folder``'s sitecustomize.py say it may run in a forked run (tests/fakes/patching.py)?"""
+    return "\nFORKABLE = True" in (folder / "sitecustomize.py").read_text()
+
+
 def apply_pythonpath() -> None:
-    """What the interpreter does with PYTHONPATH at start-up: its folders after the script's."""
+    """What the interpreter does with PYTHONPATH at start-up: its folders after the script's, and
+    the first of them holding a sitecustomize.py runs it (only forkable ones get this far)."""
+    import runpy
+
     folders = [f for f in os.environ.get("PYTHONPATH", "").split(os.pathsep) if f]
     sys.path[1:1] = [f for f in folders if f not in sys.path]
+    hook = next(
+        (Path(f) / "sitecustomize.py" for f in folders if (Path(f) / "sitecustomize.py").is_file()), None
+    )
+    if hook is not None:
+        runpy.run_path(str(hook), run_name="sitecustomize")
 
 
 def top_level_modules() -> set[str]:

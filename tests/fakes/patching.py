@@ -2,6 +2,10 @@
 
 A fake folder goes first on PYTHONPATH (the launcher passes it on to the ranks); its
 sitecustomize.py puts this folder's parent on sys.path and calls ``patch_on_import``.
+A sitecustomize.py that says ``FORKABLE = True`` changes only attributes that are looked up when
+called (no other module bound them by name at import): patching the already imported module of
+a forked run then does what patching it on import does, and the fork server runs it in forked
+runs instead of starting fresh interpreters.
 """
 
 import importlib.abc
@@ -34,5 +38,9 @@ class _Patch(importlib.abc.MetaPathFinder):
 
 
 def patch_on_import(name: str, change: Callable[[ModuleType], None]) -> None:
-    """Run ``change(module)`` right after module ``name`` is first executed."""
+    """Run ``change(module)`` right after module ``name`` is first executed; at once if it was
+    (a run forked from the tests' fork server, which imported the project: tests/zygote.py)."""
+    if name in sys.modules:
+        change(sys.modules[name])
+        return
     sys.meta_path.insert(0, _Patch(name, change))

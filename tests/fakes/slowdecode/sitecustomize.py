@@ -12,6 +12,7 @@ import time
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for patching.py
 from patching import patch_on_import  # noqa: E402
 
+FORKABLE = True  # decode_uint8 is looked up when Decoder calls it (tests/fakes/patching.py)
 DELAY_S = float(os.environ.get("SLOW_DECODE_S", "0.05"))
 ONLY_RANK = os.environ.get("SLOW_DECODE_RANK")
 
