@@ -130,16 +130,24 @@ def run_many(jobs: Sequence[tuple[Sequence[str], dict[str, str]]], timeout: floa
         return [f.result() for f in futures]
 
 
-def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 90, fresh: bool = False):
+def launch(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 90,
+    fresh: bool = False,
+    unprivileged: bool = False,
+):
     """``python launch.py *args``: forked from the test fork server (tests/zygote.py: torch is already
     imported there; its ranks are forked too), or a fresh interpreter when ``fresh``, when ``env``'s
     PYTHONPATH needs one (fakes that patch imports at start-up or shadow a loaded module) or when
-    TEST_FRESH_INTERPRETERS=1. Same session, files, exit code."""
+    TEST_FRESH_INTERPRETERS=1. Same session, files, exit code. ``unprivileged``: in a user namespace
+    of its own, as ``unshare -U`` runs it (root there lacks the capability to ignore file modes)."""
     env = env or clean_env()
     server = None if fresh else forking_zygote(env)
     if server is None:
-        return run([sys.executable, LAUNCH, *args], env=env, timeout=timeout)
-    return forked(server, list(args), env, timeout)
+        return run([*(["unshare", "-U"] if unprivileged else []), sys.executable, LAUNCH, *args], env=env,
+                   timeout=timeout)  # fmt: skip
+    return forked(server, list(args), env, timeout, unprivileged=unprivileged)
 
 
 class ForkedProc:
@@ -302,7 +310,12 @@ def zygote() -> str | None:
 
 
 def forked(
-    server: str, args: list[str], env: dict[str, str], timeout: float, module: str = ""
+    server: str,
+    args: list[str],
+    env: dict[str, str],
+    timeout: float,
+    module: str = "",
+    unprivileged: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """One launch.py run (or, with ``module``, a torchrun run) forked by the fork server; its
     session is killed on timeout, and no process may be left in it afterwards (as :func:`run` checks)."""
@@ -313,7 +326,7 @@ def forked(
         registry = Path(tmp, "ranks")  # the forked ranks: their own sessions, killed on a timeout too
         registry.mkdir()
         request = {"args": args, "env": env, "cwd": str(REPO), "out": out, "err": err, "module": module,
-                   "registry": str(registry)}  # fmt: skip
+                   "registry": str(registry), "unshare_user": unprivileged}  # fmt: skip
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(server)
             stream = sock.makefile("rw")

@@ -102,6 +102,8 @@ def child(request: dict, forker: socket.socket | None) -> None:
     """Run one launch.py command line in this forked process; never returns."""
     try:
         os.setsid()
+        if request.get("unshare_user"):
+            unshare_user()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         os.chdir(request["cwd"])
@@ -120,6 +122,15 @@ def child(request: dict, forker: socket.socket | None) -> None:
     if request.get("module") == "torch.distributed.run":
         run_torchrun(request["args"])
     run_launch(request["args"])
+
+
+def unshare_user() -> None:
+    """``unshare -U``: a user namespace of its own (this forked process has one thread, as it must)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER) failed")
 
 
 def as_main(body: Callable[[], int]) -> None:

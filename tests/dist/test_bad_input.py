@@ -7,13 +7,12 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAUNCH, flip_inside_largest_tensor, launch, run, tiny, weights
+from conftest import flip_inside_largest_tensor, launch, tiny, weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
@@ -275,7 +274,7 @@ def shared_tmp() -> Iterator[Path]:
 def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     """launch.py without privileges (`unshare -U`: still the files' owner, but without the capability
     that lets root ignore permission bits; so a mode without the owner's bits denies it)."""
-    return run(["unshare", "-U", sys.executable, LAUNCH, *args], timeout=120)
+    return launch(*args, timeout=120, unprivileged=True)
 
 
 def test_unreadable_and_unwritable_paths_are_one_line_each(shared_tmp: Path) -> None:
