@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TORCHRUN, clean_env, launch, reference_stats, run, tiny, weights
+from conftest import REPO, TORCHRUN, clean_env, launch, reference_stats, run, start_launch, tiny, weights
 from PIL import Image
 
 from datasets.cache import ENTRY, FILLED
@@ -248,9 +247,7 @@ def test_a_cache_fill_killed_midway_is_completed_by_a_rerun_and_never_half_read(
     cmd = [sys.executable, "launch.py", "cache", "--set", f"data.root={same_size_folder}", "--set",
            f"data.cache_dir={tmp_path / 'c'}", "--set", f"run.out_dir={tmp_path / 'runs'}"]  # fmt: skip
     slow = clean_env(PYTHONPATH=str(REPO / "tests" / "fakes" / "slowdecode"))  # 50 ms per image
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=slow, start_new_session=True, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_launch(cmd[2:], slow)
     try:
         deadline = time.monotonic() + 60
         entries = None
@@ -336,14 +333,14 @@ def test_a_damaged_decoded_cache_trains_as_the_cache_off_does(demo: Path, tmp_pa
 
 
 def _term_when(cmd: list[str], env: dict[str, str], ready, timeout: float = 60) -> tuple[int, str, float]:
-    """Start ``cmd``, send SIGTERM to it (not its group: as the kernel or an agent would) once
-    ``ready(stderr so far)`` holds; its exit code, stderr, and the seconds from signal to exit."""
+    """Start ``cmd`` (``python launch.py ...``, forked by the fork server where it can be), send
+    SIGTERM to it (not its group: as the kernel or an agent would) once ``ready(output so far)``
+    holds; its exit code, output (stderr and stdout), and the seconds from signal to exit."""
     import threading
 
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_launch(cmd[2:], env)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: [lines.append(x) for x in proc.stderr], daemon=True)
+    reader = threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + timeout
