@@ -171,7 +171,13 @@ def _unchanged(src: Path, placed: Path) -> bool:
 
 
 def plan_organize(rows: list[tuple[str, str]], images: Path, out: Path) -> OrganizePlan:
-    """Decide every placement; reconcile with an earlier run; refuse conflicts with other files."""
+    """Decide every placement; reconcile with an earlier run; refuse conflicts with other files.
+
+    _a_move_between_our_looks: another organize of the same CSV moves a file by linking it to
+    its place, then unlinking the source. Looking at the place, then at the source, can see
+    neither (the link came after the first look, the unlink before the second), which read as
+    "missing" (seen once in CI); a place looked at again after a missing source cannot miss it.
+    """
     labels, duplicates = _check_rows(rows)
     previous = read_manifest(out)
     plan = OrganizePlan(duplicates=duplicates)
@@ -186,15 +192,15 @@ def plan_organize(rows: list[tuple[str, str]], images: Path, out: Path) -> Organ
             continue
         if moved:  # the old copy leaves the tree (unless it is someone else's); placed anew below
             plan.stale.append(Placement(src, before.path, before.label, rel))
-        if dst.exists():
+        if not dst.exists() and src.is_file():
+            plan.todo.append(p)
+        elif dst.exists():  # looked at again after the source: see _a_move_between_our_looks
             if not src.exists() or _same_file(src, dst):
                 plan.done.append(p)  # placed earlier (or moved: the source is gone)
             elif before is not None and before.path == dst and _ours(src, before):
                 plan.update.append(p)  # our copy, but the image itself was replaced since
             else:
                 conflicts.append(f"{dst} exists and differs from {src}")
-        elif src.is_file():
-            plan.todo.append(p)
         else:
             plan.missing.append(rel)
     for rel, before in previous.items():

@@ -469,3 +469,25 @@ def test_move_reports_moved_not_link(tmp_path: Path, caplog: pytest.LogCaptureFi
     with caplog.at_level("INFO", logger="datasets.organize"):
         organize(csv_path, images, tmp_path / "out", mode="move")
     assert "moved 2" in caplog.text and "link" not in caplog.text, caplog.text
+
+
+def test_a_move_by_another_organize_between_the_plans_two_looks_is_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exact interleaving of the CI flake: the plan looks at the place (nothing yet), the other
+    organize links the file there and unlinks the source, then the plan looks at the source."""
+    images = flat(tmp_path, ["a.png"])
+    out = tmp_path / "out"
+    src, dst = images / "a.png", out / "c0" / "a.png"
+    real_is_file = Path.is_file
+
+    def is_file_after_the_other_move(path: Path) -> bool:
+        if path == src and real_is_file(src):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dst)  # the other organize's move: link first, then unlink the source
+            src.unlink()
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file_after_the_other_move)
+    plan = org.plan_organize([("a.png", "c0")], images, out)
+    assert plan.missing == [] and [p.rel for p in plan.done] == ["a.png"]
