@@ -35,8 +35,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The current environment without launcher/CUDA variables, plus ``extra``.
 
     One intra-op thread per process unless ``extra`` says otherwise: the suite runs two tests at
-    a time on two cores, and a single-process run (or a one-rank node) would otherwise start an
-    OpenMP thread per core, which spin beside the other test's processes."""
+    a time on two cores, and a single-process run (or a one-rank node: torch's agent sets
+    OMP_NUM_THREADS=1 only for more than one rank per node) would otherwise start an OpenMP thread
+    per core, which spin beside the other processes (two one-rank nodes here ran 139 steps in 19 s,
+    against 200 in 7 s on one 2-rank node)."""
     env = {k: v for k, v in os.environ.items() if k not in _STRIP and not k.startswith(_STRIP_PREFIXES)}
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = "1"

@@ -83,15 +83,13 @@ def forkable_hook(folder: Path) -> bool:
 def apply_pythonpath() -> None:
     """What the interpreter does with PYTHONPATH at start-up: its folders after the script's, and
     the first of them holding a sitecustomize.py runs it (only forkable ones get this far)."""
-    import runpy
-
     folders = [f for f in os.environ.get("PYTHONPATH", "").split(os.pathsep) if f]
     sys.path[1:1] = [f for f in folders if f not in sys.path]
-    hook = next(
-        (Path(f) / "sitecustomize.py" for f in folders if (Path(f) / "sitecustomize.py").is_file()), None
-    )
-    if hook is not None:
-        runpy.run_path(str(hook), run_name="sitecustomize")
+    hooks = [hook for f in folders if (hook := Path(f) / "sitecustomize.py").is_file()]
+    if hooks:
+        import runpy
+
+        runpy.run_path(str(hooks[0]), run_name="sitecustomize")
 
 
 def top_level_modules() -> set[str]:

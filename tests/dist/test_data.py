@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -244,10 +243,10 @@ def test_a_cache_fill_killed_midway_is_completed_by_a_rerun_and_never_half_read(
     same_size_folder: Path, tmp_path: Path
 ) -> None:
     """SIGKILL `launch.py cache` while it writes; every slot it marked filled holds the full image."""
-    cmd = [sys.executable, "launch.py", "cache", "--set", f"data.root={same_size_folder}", "--set",
-           f"data.cache_dir={tmp_path / 'c'}", "--set", f"run.out_dir={tmp_path / 'runs'}"]  # fmt: skip
+    args = ["cache", "--set", f"data.root={same_size_folder}", "--set", f"data.cache_dir={tmp_path / 'c'}",
+            "--set", f"run.out_dir={tmp_path / 'runs'}"]  # fmt: skip
     slow = clean_env(PYTHONPATH=str(REPO / "tests" / "fakes" / "slowdecode"))  # 50 ms per image
-    proc = start_launch(cmd[2:], slow)
+    proc = start_launch(args, slow)
     try:
         deadline = time.monotonic() + 60
         entries = None
@@ -272,7 +271,7 @@ def test_a_cache_fill_killed_midway_is_completed_by_a_rerun_and_never_half_read(
     decode = Decoder()
     for slot in np.flatnonzero(filled):
         assert np.array_equal(pixels[slot], decode(str(paths[slot])).numpy()), f"slot {slot} half-written"
-    res = run(cmd, env=clean_env(), timeout=120)
+    res = launch(*args, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{len(paths) - filled.sum()} image(s) decoded in" in res.stderr, res.stderr[-2000:]
     entries = np.fromfile(folder / "entries.i64", dtype=np.int64).reshape(-1, ENTRY)
@@ -332,13 +331,13 @@ def test_a_damaged_decoded_cache_trains_as_the_cache_off_does(demo: Path, tmp_pa
         assert all(torch.equal(a[k], b[k]) for k in a), what
 
 
-def _term_when(cmd: list[str], env: dict[str, str], ready, timeout: float = 60) -> tuple[int, str, float]:
-    """Start ``cmd`` (``python launch.py ...``, forked by the fork server where it can be), send
+def _term_when(args: list[str], env: dict[str, str], ready, timeout: float = 60) -> tuple[int, str, float]:
+    """Start ``launch.py *args`` (forked by the fork server where it can be), send
     SIGTERM to it (not its group: as the kernel or an agent would) once ``ready(output so far)``
     holds; its exit code, output (stderr and stdout), and the seconds from signal to exit."""
     import threading
 
-    proc = start_launch(cmd[2:], env)
+    proc = start_launch(args, env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: [lines.append(x) for x in proc.stdout], daemon=True)
     reader.start()
@@ -364,14 +363,14 @@ def test_sigterm_in_the_stats_pass_the_cache_fill_and_organize_is_prompt_and_one
     slow = clean_env(PYTHONPATH=str(REPO / "tests" / "fakes" / "slowdecode"))  # 50 ms per decode
     # 1. the exact-stats pass before the first epoch (120 images x 50 ms): stops within a second or two
     sets = tiny(demo, tmp_path, "t", f"data.stats_cache={tmp_path / 'stats'}")
-    code, err, took = _term_when([sys.executable, "launch.py", "train", *sets], slow,
+    code, err, took = _term_when(["train", *sets], slow,
                                  lambda e: "computing exact dataset stats" in e)  # fmt: skip
     assert code == 143 and took < 3, (code, took, err[-2000:])
     assert "stopped on SIGTERM during the dataset stats pass" in err and "Traceback" not in err, err[-2000:]
     assert not list((tmp_path / "stats").glob("stats-*.json")), "partial stats were cached"
     # 2. launch.py cache, mid-fill: one line with what is cached, and a rerun continues
     cache = tmp_path / "c"
-    cmd = [sys.executable, "launch.py", "cache", *tiny(demo, tmp_path, "c", f"data.cache_dir={cache}")]
+    args = ["cache", *tiny(demo, tmp_path, "c", f"data.cache_dir={cache}")]
 
     def filling(_: str) -> bool:
         found = list(cache.glob("decoded-*/entries.i64"))
@@ -380,7 +379,7 @@ def test_sigterm_in_the_stats_pass_the_cache_fill_and_organize_is_prompt_and_one
             and (np.fromfile(found[0], dtype=np.int64).reshape(-1, ENTRY)[:, 0] == FILLED).sum() >= 3
         )
 
-    code, err, took = _term_when(cmd, slow, filling)
+    code, err, took = _term_when(args, slow, filling)
     assert code == 143 and took < 3, (code, took, err[-2000:])
     assert "stopped on SIGTERM: this rank decoded" in err and "a rerun" in err, err[-2000:]
     assert "Traceback" not in err and err.count("stopped on SIGTERM") == 1, err[-2000:]
@@ -393,10 +392,10 @@ def test_sigterm_in_the_stats_pass_the_cache_fill_and_organize_is_prompt_and_one
         "file_name,label\n" + "".join(f"{n},c{i % 5}\n" for i, n in enumerate(names))
     )
     out = tmp_path / "out"
-    cmd = [sys.executable, "launch.py", "organize", "--csv", str(tmp_path / "l.csv"), "--images",
-           str(tmp_path / "flat"), "--out", str(out), "--mode", "copy"]  # fmt: skip
+    args = ["organize", "--csv", str(tmp_path / "l.csv"), "--images", str(tmp_path / "flat"),
+            "--out", str(out), "--mode", "copy"]  # fmt: skip
     code, err, took = _term_when(
-        cmd, clean_env(), lambda _: (out / "c4").is_dir() and any((out / "c4").iterdir())
+        args, clean_env(), lambda _: (out / "c4").is_dir() and any((out / "c4").iterdir())
     )
     assert code == 143 and took < 3, (code, took, err[-2000:])
     assert "organize stopped on SIGTERM after placing" in err and "a rerun places the rest" in err, err

@@ -141,13 +141,9 @@ def hosting(proc: subprocess.Popen, port: int) -> bool:
 
 def node(args: list[str], log: Path) -> subprocess.Popen | ForkedProc:
     """One node of a multi-node job on this machine: our launcher (the elastic agent), a fresh session,
-    its output in ``log``; forked by the tests' fork server, its ranks too (tests/zygote.py).
-
-    One intra-op thread per rank, as on a node of its own with one core per rank: torch's agent sets
-    OMP_NUM_THREADS=1 only for more than one rank per node, and two one-rank "nodes" on this 2-core
-    machine each spinning two OpenMP threads ran their steps 2-3x slower (measured: 139 steps in
-    19 s against 200 in 7 s on one 2-rank node)."""
-    return start_launch(args, clean_env(OMP_NUM_THREADS="1"), log=log)
+    its output in ``log``; forked by the tests' fork server, its ranks too (tests/zygote.py); one
+    intra-op thread per rank, as on a node with a core per rank (``clean_env``)."""
+    return start_launch(args, clean_env(), log=log)
 
 
 def wait_for(what: str, test: Callable[[], bool], timeout: float = 120) -> float:
