@@ -60,7 +60,7 @@ from distrib.devices import (
 )
 from distrib.errors import EchoedError, LaunchError
 from distrib.logs import check_log_ranks, setup_logging
-from distrib.signals import Stopped
+from distrib.signals import Stopped, TermGuard
 from distrib.spawn import SpawnPlan, spawn, strip_launcher_flags
 
 if TYPE_CHECKING:
@@ -178,10 +178,11 @@ def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
         log.warning("--nproc-per-node ignored: this process is already a rank (torchrun)")
     elif ignored := launcher_flags_given(args):
         log.warning("%s ignored: launcher flags act only with --nproc-per-node", ", ".join(ignored))
+    own_group = not (getattr(args, "target", None) and (args.target.script or args.target.module))
+    term = None if own_group else TermGuard(running=False).install()  # before torch loads
     from distrib.worker import run_recorded, run_worker
 
-    job = job_for(args, applied)  # imports torch: only now, after the CUDA variables are set
-    own_group = not (getattr(args, "target", None) and (args.target.script or args.target.module))
+    job = job_for(args, applied, term)  # imports torch: only now, after the CUDA variables are set
     if not own_group:
         _RAN_USER_CODE.append(True)
     return run_recorded(lambda: run_worker(cfg, plan, args.command, job, own_group))
@@ -194,7 +195,7 @@ def launcher_flags_given(args: argparse.Namespace) -> list[str]:
     return [f"--{k.replace('_', '-')}" for k, d in defaults.items() if getattr(args, k, d) != d]
 
 
-def job_for(args: argparse.Namespace, applied: AppliedEnv) -> Job:
+def job_for(args: argparse.Namespace, applied: AppliedEnv, term: TermGuard | None = None) -> Job:
     """The worker function of a command (imported late: torch loads only after the CUDA env)."""
     import functools
 
@@ -223,7 +224,7 @@ def job_for(args: argparse.Namespace, applied: AppliedEnv) -> Job:
 
         if args.target.script or args.target.module:
             steps = args.steps if args.command == "memcheck" else None
-            return functools.partial(userscript.script_job, target=args.target, max_steps=steps)
+            return functools.partial(userscript.script_job, target=args.target, max_steps=steps, term=term)
         return functools.partial(userscript.memcheck_job, steps=args.steps or userscript.MEMCHECK_STEPS)
     from distrib.engine.train import train_job
 

@@ -170,3 +170,36 @@ def loader_worker() -> None:
     with contextlib.suppress(OSError):  # already a group leader: nothing to leave
         os.setpgid(0, 0)
     die_with_parent(signal.SIGKILL)
+
+
+class Terminated(BaseException):  # noqa: N818 - a control-flow signal, like KeyboardInterrupt
+    """SIGTERM while a user's script runs (the agent stopping every rank after one failed)."""
+
+
+class TermGuard:
+    """SIGTERM around a user's script (``run``): while armed it ends the script with
+    :class:`Terminated`, so the monitor still writes what it measured and rank 0 the summary;
+    unarmed it only records the signal. Installed unarmed as the worker starts: with Python's
+    default a rank still importing torch when another rank failed died at once, and rank 0's
+    summary of the others' reports was never written."""
+
+    def __init__(self, running: bool = True) -> None:
+        self.running, self.received = running, False
+
+    def install(self) -> TermGuard:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self)
+        return self
+
+    def arm(self) -> None:
+        """From now on SIGTERM raises; one that came before raises here."""
+        self.running = True
+        if self.received:
+            self.running = False
+            raise Terminated()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = True
+        if self.running:
+            self.running = False
+            raise Terminated()

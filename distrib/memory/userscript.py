@@ -16,7 +16,6 @@ import os
 import runpy
 import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,9 +28,11 @@ from distrib.errors import LEAK_EXIT, LaunchError, LeakError
 from distrib.memory.monitor import Monitor, Where
 from distrib.memory.preflight import cuda_index, preflight_gpu
 from distrib.memory.report import combine, leak_found, verdict_table
+from distrib.signals import TermGuard, Terminated
 
 log = logging.getLogger(__name__)
 MEMCHECK_STEPS = 300  # memcheck of our own training job: steps to watch
+SCRIPT, MONITOR, SIGTERM = "script", "monitor", "sigterm"  # who chose a rank's exit code
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,21 @@ def exit_code(code: object) -> int:
     return 1
 
 
-def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, max_steps: int | None) -> int:
-    """One rank: preflight, the monitor around the script, the verdict; the script's exit code."""
+def script_job(
+    ctx: DistContext,
+    cfg: Config,
+    run_dir: Path,
+    *,
+    target: Target,
+    max_steps: int | None,
+    term: TermGuard | None = None,
+) -> int:
+    """One rank: preflight, the monitor around the script, the verdict; the script's exit code.
+
+    ``term``: the guard the worker installed when it started, holding a SIGTERM that came before
+    the script could (the agent ending every rank after another failed first): the script is then
+    not started, and rank 0 still writes the summary of what the other ranks measured.
+    """
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from distrib.timing.script import ScriptTiming
@@ -173,16 +187,19 @@ def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, 
     if cfg.logging.tensorboard and ctx.is_main:
         log.warning("logging.tensorboard is train's: a script's figures are in timing_*.csv and memory_*")
     log.info("running %s %s under the memory monitor", target.name, " ".join(target.args))
-    code, own, raised = 0, True, None
-    term = TermGuard().install()
+    code, source, raised, started = 0, SCRIPT, None, False
+    term = term or TermGuard().install()
     try:
+        term.arm()
+        started = True
         code = execute(target)
     except ScriptStop as stop:
-        code, own = stop.code, False
+        code, source = stop.code, MONITOR
         (log.error if stop.code else log.info)("%s", stop)
     except Terminated:
-        code = 128 + signal.SIGTERM
-        log.warning("the script was stopped by SIGTERM (the agent ends every rank when one fails)")
+        code, source = 128 + signal.SIGTERM, SIGTERM
+        when = "was stopped" if started else "was not started: SIGTERM came first"
+        log.warning("the script %s (the agent ends every rank when one fails)", when)
     except BaseException as e:  # the script raised or was interrupted: what was measured is still written
         code, raised = (128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1), e
     finally:
@@ -190,51 +207,31 @@ def script_job(ctx: DistContext, cfg: Config, run_dir: Path, *, target: Target, 
         handle.remove()
         if timing is not None:
             timing.finish()  # before the memory report: rank 0 waits for those, then reads these
-        monitor.finish({"code": code, "from": "script" if own else "monitor"})
+        monitor.finish({"code": code, "from": source})
     if counter.steps == 0:
         log.info("the script made no optimizer step: memory was judged on %s samples", "time")
-    code = conclude(ctx, run_dir, Outcome(code, own), target, term, cfg.timing if timing else None)
+    code = conclude(ctx, run_dir, Outcome(code, source), target, term, cfg.timing if timing else None)
     if raised is not None:
         raise raised  # the script's own traceback, as python would show it
     return code
 
 
-class Terminated(BaseException):  # noqa: N818 - a control-flow signal, like KeyboardInterrupt
-    """SIGTERM while the script runs (the agent stopping every rank after one failed)."""
-
-
-class TermGuard:
-    """SIGTERM ends the script with :class:`Terminated`, so the monitor still writes what it measured
-    and rank 0 the summary; after the script it only stops rank 0 waiting for other ranks' reports."""
-
-    def __init__(self) -> None:
-        self.running, self.received = True, False
-
-    def install(self) -> TermGuard:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self)
-        return self
-
-    def __call__(self, signum: int, frame: object) -> None:
-        self.received = True
-        if self.running:
-            self.running = False
-            raise Terminated()
-
-
 @dataclass(frozen=True)
 class Outcome:
-    """How a rank's job ended: its exit code, and whether the script chose it (``own``) or the
-    monitor stopped the script (a leak with on_leak = fail, memcheck's --steps)."""
+    """How a rank's job ended: its exit code, and who chose it (``source``): the script, the
+    monitor (a leak with on_leak = fail, memcheck's --steps), or the agent's SIGTERM (another rank
+    failed first)."""
 
     code: int
-    own: bool = True
+    source: str = SCRIPT
 
     def explain(self, leak_ranks: list[int]) -> str:
         """The line under the verdict table: where the exit code comes from."""
-        if leak_ranks and self.code == LEAK_EXIT and not self.own:
+        if leak_ranks and self.code == LEAK_EXIT and self.source == MONITOR:
             return f"exit {LEAK_EXIT}: the memory detector found a leak on rank(s) {leak_ranks}"
-        if self.code and self.own:
+        if self.source == SIGTERM:
+            return f"exit {self.code}: stopped by SIGTERM (the agent ends every rank when one fails)"
+        if self.code and self.source == SCRIPT:
             found = f"found a leak on rank(s) {leak_ranks}" if leak_ranks else "found no leak"
             return f"exit {self.code}: the script's own exit code (the memory detector {found})"
         warned = f": a leak on rank(s) {leak_ranks} (memory.on_leak = warn)" if leak_ranks else ""
@@ -259,11 +256,11 @@ def conclude(
     stop = (lambda: term.received) if term is not None else None
     summary, reports = combine(run_dir, ctx.world_size, wait_s=wait, give_up=stop)
     ended = {str(r["rank"]): r["exit"] for r in reports if r.get("exit")}
-    first = next((e for e in ended.values() if e["code"]), None)  # the lowest rank that failed
+    first = first_failure(ended)
     record = {
         "memory": summary,
         "exit_code": first["code"] if first else outcome.code,
-        "exit_from": first["from"] if first else ("script" if outcome.own else "monitor"),
+        "exit_from": first["from"] if first else outcome.source,
         "exit_per_rank": ended,
         "leak": bool(summary["leak_ranks"]),
     }
@@ -272,10 +269,17 @@ def conclude(
     if timing is not None and (steps := script_timing(run_dir, ctx.world_size, timing)) is not None:
         record["timing"] = steps
     (run_dir / "summary.json").write_text(json.dumps(record, indent=2))
-    line = Outcome(record["exit_code"], record["exit_from"] == "script").explain(summary["leak_ranks"])
+    line = Outcome(record["exit_code"], record["exit_from"]).explain(summary["leak_ranks"])
     sys.stdout.write(verdict_table(reports) + f"\nmemory files: {run_dir}\n{line}\n")
     sys.stdout.flush()
     return outcome.code
+
+
+def first_failure(ended: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The exit that explains the job's: the lowest rank that failed by itself, before ranks the
+    agent's SIGTERM stopped only because of it."""
+    failed = [e for e in ended.values() if e["code"]]
+    return next((e for e in failed if e["from"] != SIGTERM), failed[0] if failed else None)
 
 
 def script_timing(run_dir: Path, world: int, settings: TimingSection) -> dict[str, Any] | None:
@@ -296,7 +300,7 @@ def memcheck_job(ctx: DistContext, cfg: Config, run_dir: Path, *, steps: int) ->
     except LeakError as e:
         log.error("%s", e)
         code = LEAK_EXIT
-    conclude(ctx, run_dir, Outcome(code, own=False), None)
+    conclude(ctx, run_dir, Outcome(code, MONITOR), None)
     return LEAK_EXIT if leak_found(run_dir) else code
 
 

@@ -12,6 +12,7 @@ from conftest import REPO, clean_env, launch, tiny
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 SCRIPTS = REPO / "tests" / "fakes" / "scripts"
 LEAKY = str(REPO / "tests" / "fakes" / "leaky")
+SLOWSTART = REPO / "tests" / "fakes" / "slowstart"
 USER = str(SCRIPTS / "user_train.py")
 
 
@@ -105,8 +106,14 @@ def test_run_passes_arguments_and_exit_codes_through(tmp_path: Path) -> None:
     assert res.returncode == 7 and res.stdout.count('ARGV ["--gpus", "9"]') == 2
 
 
-def test_run_names_a_failing_rank_like_train(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rank0", ["on time", "late"])
+def test_run_names_a_failing_rank_like_train(tmp_path: Path, rank0: str) -> None:
+    """Rank 1's script raises. ``late``: rank 0 reaches its script only after the agent has
+    SIGTERMed it for that (a rank slow to import torch on a busy host: once in a CI run, rank 0
+    then died at once and wrote no summary): it must not start the script, and must still write
+    the summary, which names rank 1's failure, not its own SIGTERM."""
     script = str(SCRIPTS / "echo_args.py")
+    late = {"PYTHONPATH": str(SLOWSTART), "SLOW_START_RANK": "0"} if rank0 == "late" else {}
     res = launch(
         "run",
         "--nproc-per-node",
@@ -114,7 +121,7 @@ def test_run_names_a_failing_rank_like_train(tmp_path: Path) -> None:
         "--set",
         f"run.out_dir={tmp_path}",
         script,
-        env=clean_env(FAIL_RANK="1"),
+        env=clean_env(FAIL_RANK="1", **late),
     )
     assert res.returncode == 1
     assert "worker rank 1" in res.stderr and "ValueError: bad value in the user's script" in res.stderr
@@ -122,6 +129,10 @@ def test_run_names_a_failing_rank_like_train(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["exit_code"] == 1 and summary["exit_from"] == "script"
     assert (run_dir / "memory_rank1.json").exists() and (run_dir / "memory_rank0.json").exists()
+    assert "exit 1: the script's own exit code" in res.stdout
+    if late:
+        assert summary["exit_per_rank"]["0"] == {"code": 143, "from": "sigterm"}
+        assert "RANK 0" not in res.stdout and "the script was not started: SIGTERM came first" in res.stderr
 
 
 def test_run_a_module_with_dash_m(tmp_path: Path) -> None:
