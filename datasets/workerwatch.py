@@ -12,6 +12,10 @@ How: every worker renames itself ``loader_worker`` the moment it runs Python aga
 after an epoch's iterator forked its workers, a worker that is alive and still unnamed never
 started; it is killed (SIGKILL), the DataLoader then fails within its 5 s liveness check, and
 :func:`never_started` turns that failure into one line that says what happened and what to do.
+
+And a worker killed once its batches were all delivered is an error too, found when the epoch
+ends (:func:`killed_worker`): torch's only word of it is an exception its SIGCHLD handler raises
+wherever the main thread happens to be, and some places drop it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from distrib import forksafe
-from distrib.signals import LOADER_WORKER
+from distrib.signals import LOADER_WORKER, SIGNALS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +81,28 @@ def watched(it: Iterator[T], rank: int, start_s: float = START_S) -> Iterator[T]
         yield from it
     finally:
         timer.cancel()
+    death = killed_worker(workers)
+    if death is not None:
+        raise RuntimeError(death)
+
+
+def killed_worker(workers: list[Any]) -> str | None:
+    """torch's error (its words, for :func:`datasets.loader.worker_death`) for a worker of an epoch
+    whose batches all arrived that a signal killed meanwhile; None when every worker ended well.
+
+    Why look: torch learns of a worker's death from its SIGCHLD handler, which raises in the main
+    thread wherever that thread is. Inside a ``__del__``, a weakref or GC callback, an at-fork hook
+    or a library's ``except Exception``, that error is dropped, and a worker that had already
+    delivered its last batch (the OOM killer's victim, say) then passed without a word: the
+    epoch ended normally. torch has joined its workers by now. Not counted: the stop signals
+    (torch's own SIGTERM to a worker slow to stop; a Ctrl-C, which the rank handles itself).
+    """
+    for w in workers:
+        code = w.exitcode  # joined by torch at the epoch's end
+        if code is not None and code < 0 and -code not in SIGNALS:
+            name = signal.strsignal(-code) or f"signal {-code}"
+            return f"DataLoader worker (pid {w.pid}) is killed by signal: {name}. (seen when the epoch ended)"
+    return None
 
 
 def never_started(pids: list[int], rank: int) -> str | None:
