@@ -195,7 +195,7 @@ def plan_organize(rows: list[tuple[str, str]], images: Path, out: Path) -> Organ
         if not dst.exists() and src.is_file():
             plan.todo.append(p)
         elif dst.exists():  # looked at again after the source: see _a_move_between_our_looks
-            if not src.exists() or _same_file(src, dst):
+            if _same_file(src, dst) or not src.exists():  # the source last: gone meanwhile = moved
                 plan.done.append(p)  # placed earlier (or moved: the source is gone)
             elif before is not None and before.path == dst and _ours(src, before):
                 plan.update.append(p)  # our copy, but the image itself was replaced since

@@ -201,8 +201,11 @@ def execute(plan: OrganizePlan, mode: str) -> Counter[str]:
     if mode == "move":  # finish moves interrupted between link and unlink
         for p in plan.done:
             if p.src.exists() and _same_file(p.src, p.dst):
-                p.src.unlink()
-                counts["finished move"] += 1
+                try:
+                    p.src.unlink()
+                    counts["finished move"] += 1
+                except FileNotFoundError:  # another organize of the same CSV, between its link and unlink
+                    counts["already"] += 1  # when this one planned, has just finished that move
     _remove_empty_class_folders(plan)
     return counts
 
@@ -213,7 +216,12 @@ def remove_stale(p: Placement) -> str:
         p.dst.unlink(missing_ok=True)  # missing: another node sharing the folder removed it
         return "removed"
     p.src.parent.mkdir(parents=True, exist_ok=True)
-    place(Placement(p.dst, p.src, p.label, p.rel), "move")  # it was moved here: give it back
+    try:
+        place(Placement(p.dst, p.src, p.label, p.rel), "move")  # it was moved here: give it back
+    except (FileExistsError, FileNotFoundError):  # another organize of the same CSV gave it back
+        if not p.src.exists() or (p.dst.exists() and not _same_file(p.dst, p.src)):
+            raise
+        return "already"
     return "returned to the images folder"
 
 

@@ -491,3 +491,77 @@ def test_a_move_by_another_organize_between_the_plans_two_looks_is_not_missing(
     monkeypatch.setattr(Path, "is_file", is_file_after_the_other_move)
     plan = org.plan_organize([("a.png", "c0")], images, out)
     assert plan.missing == [] and [p.rel for p in plan.done] == ["a.png"]
+
+
+def test_a_move_another_organize_finishes_while_this_one_finishes_it_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI flake's interleaving: this organize planned while the other was between its link and
+    its unlink (the place filled, the source still there: "a move to finish"); the other unlinks
+    the source between this one's check and its own unlink. Both are done, nothing is lost."""
+    images = flat(tmp_path, ["a.png"])
+    out = tmp_path / "out"
+    src, dst = images / "a.png", out / "c0" / "a.png"
+    dst.parent.mkdir(parents=True)
+    os.link(src, dst)  # the other organize's move, half done: linked, not yet unlinked
+    real_same = placing._same_file
+
+    def same_then_the_other_unlinks(a: Path, b: Path) -> bool:
+        same = real_same(a, b)
+        if a == src and src.exists():
+            src.unlink()  # the other organize finishes its move
+        return same
+
+    monkeypatch.setattr(placing, "_same_file", same_then_the_other_unlinks)
+    org.organize(write_csv(tmp_path / "l.csv", [("a.png", "c0")]), images, out, mode="move")
+    assert not src.exists() and dst.read_bytes() == b"bytes of a.png"
+    assert len((out / org.MANIFEST).read_text().splitlines()) == 2
+
+
+def test_a_move_finished_by_another_organize_while_this_one_plans_is_done_not_a_conflict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan finds the place filled and the source still there (the other organize between its
+    link and its unlink); the source goes while the plan compares the two: that is a finished move."""
+    images = flat(tmp_path, ["a.png"])
+    out = tmp_path / "out"
+    src, dst = images / "a.png", out / "c0" / "a.png"
+    dst.parent.mkdir(parents=True)
+    os.link(src, dst)
+    real_same = org._same_file
+
+    def the_other_unlinks_first(a: Path, b: Path) -> bool:
+        if a == src and src.exists():
+            src.unlink()
+        return real_same(a, b)
+
+    monkeypatch.setattr(org, "_same_file", the_other_unlinks_first)
+    plan = org.plan_organize([("a.png", "c0")], images, out)
+    assert [p.rel for p in plan.done] == ["a.png"] and plan.missing == []
+
+
+@pytest.mark.parametrize("other", ["half done", "done"])
+def test_a_stale_file_another_organize_returns_meanwhile_is_returned_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: str
+) -> None:
+    """After a move, the CSV drops b.png: two organizes both give it back to the images folder.
+    The other one's link back (and its unlink, when done) comes between this one's plan and its
+    own link back: no error, and the image is whole in the images folder."""
+    images = flat(tmp_path, ["a.png", "b.png"])
+    out = tmp_path / "out"
+    organize(write_csv(tmp_path / "l.csv", [("a.png", "x"), ("b.png", "x")]), images, out, mode="move")
+    src, placed = images / "b.png", out / "x" / "b.png"
+    assert not src.exists() and placed.exists()
+    real_place = placing.place
+
+    def the_other_returns_it_first(p: placing.Placement, mode: str) -> str:
+        if p.src == placed and not src.exists():
+            os.link(placed, src)
+            if other == "done":
+                placed.unlink()
+        return real_place(p, mode)
+
+    monkeypatch.setattr(placing, "place", the_other_returns_it_first)
+    plan = organize(write_csv(tmp_path / "l.csv", [("a.png", "x")]), images, out, mode="move")
+    assert [p.rel for p in plan.stale] == ["b.png"]
+    assert src.read_bytes() == b"bytes of b.png"
