@@ -11,7 +11,7 @@ in the gradient all-reduce as a share of their step) and the likely cause:
   its compute (15%), so much more than the others that the wait alone makes it 15% slower
   ((1 - theirs) / (1 - its)) and explains at least half of its slowdown (in log terms): another
   process shares its cores (its compute and decoding alike; a slow data phase only when its
-  compute is slower too);
+  compute is slowed by at least the square root of the data's slowdown, else as a second cause);
 - data: its loader is starved (too few workers, a slow disk, slow decoding);
 - compute on a GPU rank: what NVML says (clocks, throttle reasons, utilisation, other processes).
 
@@ -160,18 +160,23 @@ def likely_cause(s: WindowStats, stats: list[WindowStats], phase: str, ratio: fl
     slowdown = (1 - min(their_queue, 0.99)) / max(1 - queue, 0.01)  # from waiting for a CPU alone
     # the wait for a CPU must explain at least half of the slowdown (in log terms): a rank 20x slower
     # in its data phase that also waited for a CPU is starved first. The wait is measured during
-    # compute, so a slow data phase is blamed on shared cores only when compute is slowed too (a
-    # tiny compute phase preempted once on a loaded host waits "70%" of it for a CPU)
-    computes_slower = s.medians["compute"] >= QUEUE_SLOWDOWN * others(stats, s.rank, "compute")
+    # compute, and shared cores slow compute and decoding alike, so a slow data phase is blamed on
+    # them only when compute is slowed as much, by half the data's slowdown in log terms (seen in CI:
+    # a loader sleeping per item 8x slower, its compute 1.2x slower on a loaded host, tiny compute
+    # phases preempted once "waiting 70-105%" of it for a CPU); with compute slowed less, the
+    # starved loader is the news and the shared cores a second line
+    compute_ratio = s.medians["compute"] / max(others(stats, s.rank, "compute"), 1e-9)
     shared = queue >= SHARED_QUEUE and slowdown >= max(QUEUE_SLOWDOWN, math.sqrt(ratio))
-    if shared and (phase == "compute" or computes_slower):
-        return (
-            f"it waited {100 * queue:.0f}% of its compute time for a CPU against the others' "
-            f"{100 * their_queue:.0f}%, and got {cpu:.2f} s of CPU per second of compute "
-            "(its cores are shared with another process)"
-        )
+    cores = (
+        f"it waited {100 * queue:.0f}% of its compute time for a CPU against the others' "
+        f"{100 * their_queue:.0f}%, and got {cpu:.2f} s of CPU per second of compute "
+        "(its cores are shared with another process)"
+    )
+    if shared and (phase == "compute" or compute_ratio >= max(QUEUE_SLOWDOWN, math.sqrt(ratio))):
+        return cores
     if phase == "data":
-        return starved(s, stats)
+        also = shared and compute_ratio >= QUEUE_SLOWDOWN
+        return starved(s, stats) + (f"; also, {cores}" if also else "")
     return f"it got {cpu:.2f} s of CPU per second of compute, as others ({theirs:.2f}): it computes slower"
 
 
