@@ -98,7 +98,9 @@ def test_a_sigkilled_threaded_parent_stops_its_child_once(tmp_path: Path) -> Non
         while not os.path.exists({str(killed)!r}) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.5)  # the repeat arrives while the "checkpoint" is written
-        open({str(report)!r}, 'w').write(stop.name)
+        with open({str(report)!r} + '.tmp', 'w') as f:
+            f.write(stop.name)
+        os.replace({str(report)!r} + '.tmp', {str(report)!r})  # whole when the test sees it
     """
     parent = f"""
         import os, subprocess, sys, threading, time
@@ -142,7 +144,9 @@ def test_a_rank_whose_launcher_died_exits_even_without_a_step_boundary(tmp_path:
         signals.ORPHAN_GRACE_S = 1.0
         stop = signals.install()
         signals.die_with_parent(signals.AGENT_GONE)
-        open({str(pidfile)!r}, 'w').write(str(os.getpid()))
+        with open({str(pidfile)!r} + '.tmp', 'w') as f:
+            f.write(str(os.getpid()))
+        os.replace({str(pidfile)!r} + '.tmp', {str(pidfile)!r})  # whole when the parent sees it
         time.sleep(60)  # stuck: never a step boundary
     """
     parent = f"""
