@@ -15,7 +15,8 @@ started; it is killed (SIGKILL), the DataLoader then fails within its 5 s livene
 
 And a worker killed once its batches were all delivered is an error too, found when the epoch
 ends (:func:`killed_worker`): torch's only word of it is an exception its SIGCHLD handler raises
-wherever the main thread happens to be, and some places drop it.
+wherever the main thread happens to be, and some places drop it. So is one killed while it
+handed a batch over, which torch lets out as a reset connection.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -32,6 +34,7 @@ from distrib.signals import LOADER_WORKER, SIGNALS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+HANDOVER_WAIT_S = 2.0  # a worker whose connection reset: the time it has to be seen ended
 START_S = 30.0  # a worker unnamed this long after its fork is stuck (a healthy start takes ms)
 _KILLED: set[int] = set()  # workers stopped here: their death is not the OOM killer's
 
@@ -79,6 +82,11 @@ def watched(it: Iterator[T], rank: int, start_s: float = START_S) -> Iterator[T]
     timer.start()
     try:
         yield from it
+    except (ConnectionError, EOFError) as e:  # a worker killed while it handed a batch over
+        death = killed_worker(workers, wait_s=HANDOVER_WAIT_S)
+        if death is None:
+            raise
+        raise RuntimeError(death) from e
     finally:
         timer.cancel()
     death = killed_worker(workers)
@@ -86,9 +94,14 @@ def watched(it: Iterator[T], rank: int, start_s: float = START_S) -> Iterator[T]
         raise RuntimeError(death)
 
 
-def killed_worker(workers: list[Any]) -> str | None:
-    """torch's error (its words, for :func:`datasets.loader.worker_death`) for a worker of an epoch
-    whose batches all arrived that a signal killed meanwhile; None when every worker ended well.
+def killed_worker(workers: list[Any], wait_s: float = 0.0) -> str | None:
+    """torch's error (its words, for :func:`datasets.loader.worker_death`) for a worker that a
+    signal killed; None when none did (``wait_s``: how long to wait for one to end).
+
+    At an epoch's end: a worker whose batches had all arrived. Mid-epoch: torch receives a batch's
+    shared memory over a connection to the worker that made it; a worker killed during that
+    hand-over resets the connection, and torch, seeing the worker still alive (not yet reaped),
+    lets ``ConnectionResetError`` out as it is (a traceback, not the one line; seen in CI).
 
     Why look: torch learns of a worker's death from its SIGCHLD handler, which raises in the main
     thread wherever that thread is. Inside a ``__del__``, a weakref or GC callback, an at-fork hook
@@ -97,12 +110,16 @@ def killed_worker(workers: list[Any]) -> str | None:
     epoch ended normally. torch has joined its workers by now. Not counted: the stop signals
     (torch's own SIGTERM to a worker slow to stop; a Ctrl-C, which the rank handles itself).
     """
-    for w in workers:
-        code = w.exitcode  # joined by torch at the epoch's end
-        if code is not None and code < 0 and -code not in SIGNALS:
-            name = signal.strsignal(-code) or f"signal {-code}"
-            return f"DataLoader worker (pid {w.pid}) is killed by signal: {name}. (seen when the epoch ended)"
-    return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        for w in workers:
+            code = w.exitcode  # joined by torch at the epoch's end
+            if code is not None and code < 0 and -code not in SIGNALS:
+                name = signal.strsignal(-code) or f"signal {-code}"
+                return f"DataLoader worker (pid {w.pid}) is killed by signal: {name}."
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
 
 
 def never_started(pids: list[int], rank: int) -> str | None:
