@@ -107,7 +107,7 @@ def killed_worker(workers: list[Any], wait_s: float = 0.0) -> str | None:
     thread wherever that thread is. Inside a ``__del__``, a weakref or GC callback, an at-fork hook
     or a library's ``except Exception``, that error is dropped, and a worker that had already
     delivered its last batch (the OOM killer's victim, say) then passed without a word: the
-    epoch ended normally. torch has joined its workers by now. Not counted: the stop signals
+    epoch ended normally (by then torch has joined its workers). Not counted: the stop signals
     (torch's own SIGTERM to a worker slow to stop; a Ctrl-C, which the rank handles itself).
     """
     deadline = time.monotonic() + wait_s
