@@ -179,7 +179,7 @@ def run_job(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
     elif ignored := launcher_flags_given(args):
         log.warning("%s ignored: launcher flags act only with --nproc-per-node", ", ".join(ignored))
     own_group = not (getattr(args, "target", None) and (args.target.script or args.target.module))
-    term = None if own_group else TermGuard(running=False).install()  # before torch loads
+    term = None if own_group else TermGuard(armed=False).install()  # before torch loads
     from distrib.worker import run_recorded, run_worker
 
     job = job_for(args, applied, term)  # imports torch: only now, after the CUDA variables are set

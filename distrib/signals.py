@@ -183,8 +183,8 @@ class TermGuard:
     default a rank still importing torch when another rank failed died at once, and rank 0's
     summary of the others' reports was never written."""
 
-    def __init__(self, running: bool = True) -> None:
-        self.running, self.received = running, False
+    def __init__(self, armed: bool = True) -> None:
+        self.armed, self.received = armed, False
 
     def install(self) -> TermGuard:
         if threading.current_thread() is threading.main_thread():
@@ -193,13 +193,13 @@ class TermGuard:
 
     def arm(self) -> None:
         """From now on SIGTERM raises; one that came before raises here."""
-        self.running = True
+        self.armed = True
         if self.received:
-            self.running = False
+            self.armed = False
             raise Terminated()
 
     def __call__(self, signum: int, frame: object) -> None:
         self.received = True
-        if self.running:
-            self.running = False
+        if self.armed:
+            self.armed = False
             raise Terminated()

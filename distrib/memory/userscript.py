@@ -32,7 +32,7 @@ from distrib.signals import TermGuard, Terminated
 
 log = logging.getLogger(__name__)
 MEMCHECK_STEPS = 300  # memcheck of our own training job: steps to watch
-SCRIPT, MONITOR, SIGTERM = "script", "monitor", "sigterm"  # who chose a rank's exit code
+SCRIPT, MONITOR, STOPPED = "script", "monitor", "sigterm"  # who chose a rank's exit code (agent's SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -197,13 +197,13 @@ def script_job(
         code, source = stop.code, MONITOR
         (log.error if stop.code else log.info)("%s", stop)
     except Terminated:
-        code, source = 128 + signal.SIGTERM, SIGTERM
+        code, source = 128 + signal.SIGTERM, STOPPED
         when = "was stopped" if started else "was not started: SIGTERM came first"
         log.warning("the script %s (the agent ends every rank when one fails)", when)
     except BaseException as e:  # the script raised or was interrupted: what was measured is still written
         code, raised = (128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1), e
     finally:
-        term.running = False
+        term.armed = False
         handle.remove()
         if timing is not None:
             timing.finish()  # before the memory report: rank 0 waits for those, then reads these
@@ -229,7 +229,7 @@ class Outcome:
         """The line under the verdict table: where the exit code comes from."""
         if leak_ranks and self.code == LEAK_EXIT and self.source == MONITOR:
             return f"exit {LEAK_EXIT}: the memory detector found a leak on rank(s) {leak_ranks}"
-        if self.source == SIGTERM:
+        if self.source == STOPPED:
             return f"exit {self.code}: stopped by SIGTERM (the agent ends every rank when one fails)"
         if self.code and self.source == SCRIPT:
             found = f"found a leak on rank(s) {leak_ranks}" if leak_ranks else "found no leak"
@@ -279,7 +279,7 @@ def first_failure(ended: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The exit that explains the job's: the lowest rank that failed by itself, before ranks the
     agent's SIGTERM stopped only because of it."""
     failed = [e for e in ended.values() if e["code"]]
-    return next((e for e in failed if e["from"] != SIGTERM), failed[0] if failed else None)
+    return next((e for e in failed if e["from"] != STOPPED), failed[0] if failed else None)
 
 
 def script_timing(run_dir: Path, world: int, settings: TimingSection) -> dict[str, Any] | None:
